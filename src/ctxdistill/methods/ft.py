@@ -1,0 +1,48 @@
+"""FT: continued pre-training, next-token cross-entropy over each raw document.
+
+As in the DiSC authors' baseline: tokenised with the tokenizer's default special tokens, one
+document per step. Documents longer than `max_length` are cut into consecutive windows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..losses import token_cross_entropy
+from . import Method, PreparedCorpus
+
+
+@dataclass(frozen=True)
+class TokenExample:
+    doc_id: str
+    ids: tuple[int, ...]
+
+
+class FineTune(Method):
+    name = "ft"
+    needs_teacher = False
+    input_format = "documents: one text per record (JSONL field `text`, or .txt files)"
+
+    def prepare(self, documents, tokenizer, cfg) -> PreparedCorpus:
+        examples, skipped = [], []
+        for doc in documents:
+            ids = tokenizer(doc.text)["input_ids"]
+            windows = [ids[i : i + cfg.max_length] for i in range(0, len(ids), cfg.max_length)]
+            for i, w in enumerate(windows):
+                window_id = doc.id if len(windows) == 1 else f"{doc.id}#w{i}"
+                if len(w) >= 2:
+                    examples.append(TokenExample(window_id, tuple(w)))
+                else:
+                    skipped.append(window_id)
+        return PreparedCorpus(examples, {"under-2-token": skipped})
+
+    def plan(self, example: TokenExample, rng: random.Random, cfg) -> TokenExample:
+        return example
+
+    def loss(self, student, teacher, item: TokenExample, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+        ids = torch.tensor([item.ids], device=device)
+        logits = student(input_ids=ids, use_cache=False).logits
+        return token_cross_entropy(logits, ids), {"student_tokens": len(item.ids) - 1, "teacher_tokens": 0}
