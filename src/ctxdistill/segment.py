@@ -141,20 +141,20 @@ def choose_spans(
             idx = list(range(1, n))
         elif strategy == "middle_only":
             idx = [n // 2]
-        elif strategy == "fixed_uniform_sentence":
+        elif strategy == "fixed_uniform_sentence":  # k boundaries evenly spaced, ending at the last sentence
             k = min(num_splits, n - 1)
-            idx = sorted({round(1 + j * (n - 2) / max(k - 1, 1)) for j in range(k)}) if k > 1 else [n - 1]
+            idx = sorted({max(1, round((n - 1) / k * (j + 1))) for j in range(k)})
         elif num_splits == 1:
             idx = [n - 1]
         else:  # sentence_boundary: k-1 random interior boundaries plus the last sentence
             idx = sorted(set(rng.sample(range(1, n), min(num_splits - 1, n - 1)) + [n - 1]))
         spans = [(starts[i], starts[i] + len(doc.sentence_ids[i])) for i in idx]
     else:
-        if total < 3:
+        if total < 4:
             return []
         k = min(num_splits, total - 2)
-        if strategy == "token_uniform":
-            cuts = sorted({1 + (j * (total - 2)) // k for j in range(k)})
+        if strategy == "token_uniform":  # k cuts evenly spaced inside the document
+            cuts = sorted({max(1, round(total / (k + 1) * (j + 1))) for j in range(k)})
         else:
             cuts = sorted(rng.sample(range(1, total - 1), k))
         if strategy == "token_random_variable_suffix":

@@ -1,0 +1,101 @@
+"""Command-line entry points: parse, validate, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import build_config, field_type
+from .errors import CtxDistillError
+
+COMMANDS = {
+    "train": "train a model on a corpus of new documents with a method (DiSC by default)",
+    "demo": "FT vs DiSC on the bundled corpus with the embedded default model; prints a before/after table",
+}
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per config field; defaults are suppressed so only flags the user typed override YAML."""
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = field_type(cls, f)
+        help_text = f"{f.metadata.get('help', '')} (default: {getattr(instance, f.name)!r})"
+        choices = f.metadata.get("choices")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS, metavar=None if choices else kind.__name__.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .demo import DemoConfig
+    from .config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="ctxdistill", description="Update a post-trained LLM's knowledge with context distillation (DiSC) and compare with fine-tuning baselines.")
+    parser.add_argument("--version", action="version", version=f"ctxdistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cls in (("train", TrainConfig), ("demo", DemoConfig)):
+        p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], epilog=method_epilog() if name == "train" else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", metavar="YAML", help="read options from a YAML file; flags given here override it")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_dataclass_options(p, cls)
+    return parser
+
+
+def method_epilog() -> str:
+    from .config import METHOD_NAMES
+    from .methods import get_method
+
+    lines = ["methods and the input each needs:"]
+    lines += [f"  {name:12s} {get_method(name).input_format}" for name in METHOD_NAMES]
+    return "\n".join(lines)
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' weight-loading bars and advice out of the user's terminal."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "quiet")}
+    try:
+        quiet_libraries()
+        if args.command == "train":
+            from .config import TrainConfig
+            from .train import train
+
+            cfg = build_config(TrainConfig, args.config, options)
+            result = train(cfg, progress=not args.quiet)
+            counts = result.summary["counts"]
+            print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "
+                  f"in {result.summary['timings_s']['train']:.1f} s -> {result.out_dir}")
+        elif args.command == "demo":
+            from .demo import DemoConfig, run_demo
+
+            cfg = build_config(DemoConfig, args.config, options)
+            result = run_demo(cfg)
+            print()
+            print(result["table"])
+            print(f"\ntotal time: {result['total_s']:.0f} s; results in {cfg.out}/demo.json")
+    except CtxDistillError as exc:
+        if args.debug:
+            raise
+        print(f"ctxdistill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctxdistill: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

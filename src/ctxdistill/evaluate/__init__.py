@@ -1,0 +1,1 @@
+"""Evaluation: knowledge probes (what a method taught) and retention measures (what it kept)."""

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random-init Llama built from a config.
+
+The tiny model (hidden 64, 2 layers, 4 heads / 2 KV heads, 49k vocab, 3.3 M params) runs a
+forward+backward in about 0.1 s, so unit tests exercise the real code paths without real weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from ctxdistill.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A save_pretrained directory (weights + tokenizer) that every loader path accepts."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+NEWS = [
+    ("Velmora elected Anika Dros as mayor in March. Anika Dros promised a new bridge over the Sarn river. "
+     "The bridge will be 412 metres long. Work on the 412-metre bridge starts in May. "
+     "Velmora residents welcomed Anika Dros and her bridge plan."),
+    ("Quillon Robotics named Teodor Vask its chief executive. Teodor Vask moved the company to Brest. "
+     "Quillon Robotics now employs 740 people in Brest. The 740 staff build warehouse robots. "
+     "Teodor Vask said Brest was chosen for its port."),
+]
+
+
+@pytest.fixture()
+def corpus_file(tmp_path):
+    """A small JSONL corpus of multi-sentence news-style documents."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"id": f"doc-{i}", "text": t}) for i, t in enumerate(NEWS)) + "\n", encoding="utf-8")
+    return path
