@@ -1,0 +1,112 @@
+"""The shared training loop: steps change weights, outputs reload, bookkeeping is written."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctxdistill.config import TrainConfig
+from ctxdistill.errors import CtxDistillError
+from ctxdistill.train import epoch_items, train
+
+
+def config(tiny_model_dir, corpus_file, out, **overrides):
+    values = dict(model=str(tiny_model_dir), corpus=str(corpus_file), out=str(out), lr=1e-3, epochs=1, seed=0)
+    return TrainConfig(**(values | overrides))
+
+
+@pytest.mark.parametrize("method", ["disc", "ft"])
+def test_one_step_changes_parameters_and_saved_model_reloads(method, tiny_model_dir, corpus_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train(config(tiny_model_dir, corpus_file, tmp_path / "run", method=method, max_steps=1), progress=False)
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "one optimizer step must move the weights"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["method"] == method and run["counts"]["steps"] == 1
+    assert run["counts"]["student_tokens"] > 0 and run["versions"]["torch"] == torch.__version__
+    [line] = (tmp_path / "run" / "losses.jsonl").read_text().splitlines()
+    assert json.loads(line)["loss"] > 0
+
+
+def test_lora_student_trains_only_the_adapter_and_saves_a_peft_adapter(tiny_model_dir, corpus_file, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    cfg = config(tiny_model_dir, corpus_file, tmp_path / "run", method="disc", student="lora", lora_r=4, lora_alpha=8,
+                 lora_targets="q_proj,v_proj", max_steps=2, merge_lora=True)
+    result = train(cfg, progress=False)
+    base = load_file(tiny_model_dir / "model.safetensors")
+    state = result.model.state_dict()
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero; training must move it"
+    for name, value in state.items():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            if key in base:
+                assert torch.equal(value, base[key]), f"{name} is frozen under LoRA"
+    assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
+    merged = (tmp_path / "run" / "merged" / "model.safetensors")
+    assert merged.is_file()
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_teacher_is_the_adapter_disabled_student(tiny_model_dir, corpus_file, tmp_path):
+    from ctxdistill.train import build_student, build_teacher
+
+    cfg = config(tiny_model_dir, corpus_file, tmp_path / "x", student="lora", lora_r=4)
+    student, _ = build_student(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    teacher = build_teacher(cfg, student, torch.device("cpu"))
+    assert teacher.model is None, "no second copy of the weights"
+    ids = torch.tensor([[3, 4, 5, 6]])
+    from ctxdistill.models import load_model
+    base = load_model(str(tiny_model_dir))
+    torch.testing.assert_close(teacher(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(student(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_epoch_plan_depends_only_on_seed_and_epoch(tiny_model_dir, corpus_file, tokenizer):
+    from ctxdistill.corpus import load_corpus
+    from ctxdistill.methods import get_method
+
+    cfg = TrainConfig(split_strategy="sentence_boundary", num_splits=2, seed=5)
+    method = get_method("disc")
+    docs, _ = load_corpus(str(corpus_file))
+    examples = method.prepare(docs, tokenizer, cfg).examples
+    assert epoch_items(method, examples, cfg, 1) == epoch_items(method, examples, cfg, 1)
+    plans = [[(i.doc_id, i.spans) for i in epoch_items(method, examples, cfg, e)] for e in range(4)]
+    assert len({tuple(p) for p in plans}) > 1, "split points and order are redrawn every epoch"
+
+
+def test_docs_per_step_and_max_steps(tiny_model_dir, corpus_file, tmp_path):
+    result = train(config(tiny_model_dir, corpus_file, tmp_path / "r", method="ft", epochs=3, docs_per_step=2), progress=False)
+    assert result.summary["counts"] == result.summary["counts"] | {"steps": 3, "documents": 6}
+    result = train(config(tiny_model_dir, corpus_file, tmp_path / "s", method="ft", epochs=3, max_steps=4), progress=False)
+    assert result.summary["counts"]["steps"] == 4
+
+
+def test_existing_output_is_never_overwritten_silently(tiny_model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(CtxDistillError, match="--overwrite"):
+        train(config(tiny_model_dir, corpus_file, out, max_steps=1), progress=False)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_fp32_training_is_deterministic(tiny_model_dir, corpus_file, tmp_path):
+    runs = [train(config(tiny_model_dir, corpus_file, tmp_path / f"r{i}", precision="fp32", teacher_dtype="fp32", max_steps=2,
+                         save_model=False), progress=False) for i in range(2)]
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
