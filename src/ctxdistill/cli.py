@@ -12,6 +12,7 @@ from .errors import CtxDistillError
 COMMANDS = {
     "train": "train a model on a corpus of new documents with a method (DiSC by default)",
     "demo": "FT vs DiSC on the bundled corpus with the embedded default model; prints a before/after table",
+    "cache-teacher": "store the frozen teacher's top-k distributions for a corpus, so DiSC trains with no teacher in memory",
 }
 
 
@@ -37,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxdistill", description="Update a post-trained LLM's knowledge with context distillation (DiSC) and compare with fine-tuning baselines.")
     parser.add_argument("--version", action="version", version=f"ctxdistill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, cls in (("train", TrainConfig), ("demo", DemoConfig)):
+    for name, cls in (("train", TrainConfig), ("demo", DemoConfig), ("cache-teacher", TrainConfig)):
         p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], epilog=method_epilog() if name == "train" else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", metavar="YAML", help="read options from a YAML file; flags given here override it")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "cache-teacher":
+            p.add_argument("--k", type=int, default=64, help="top-k tokens kept per position (default: 64); the rest is one tail bucket")
+            p.description += ". Uses the train options that shape the documents and the teacher (--model, --corpus, --max-length, --temperature, ...); --out is the cache directory."
         add_dataclass_options(p, cls)
     return parser
 
@@ -66,7 +70,7 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "quiet")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "quiet", "k")}
     try:
         quiet_libraries()
         if args.command == "train":
@@ -78,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             counts = result.summary["counts"]
             print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "
                   f"in {result.summary['timings_s']['train']:.1f} s -> {result.out_dir}")
+        elif args.command == "cache-teacher":
+            from .config import TrainConfig
+            from .teacher_cache import cache_teacher
+
+            cfg = build_config(TrainConfig, args.config, options)
+            cache_teacher(cfg, cfg.out, k=args.k, progress=not args.quiet)
         elif args.command == "demo":
             from .demo import DemoConfig, run_demo
 

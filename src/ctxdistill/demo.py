@@ -20,7 +20,7 @@ from .corpus import bundled_path
 from .evaluate.drift import greedy_responses, load_chat_prompts, response_kl, save_responses
 from .evaluate.probes import load_probes, score_mcq_loglik
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
-from .train import prepare_output_dir, train, write_json
+from .train import autocast, prepare_output_dir, train, write_json
 
 
 @dataclass
@@ -40,7 +40,9 @@ class DemoConfig:
 
 
 def evaluate_model(model, tokenizer, knowledge, general, reference=None, prompts=None, responses=None) -> dict:
-    row = {"knowledge": score_mcq_loglik(model, tokenizer, knowledge), "general": score_mcq_loglik(model, tokenizer, general)}
+    """Probe accuracies under bf16 autocast (fast on this CPU); the drift KL in fp32, where small changes matter."""
+    with autocast(next(model.parameters()).device, "bf16"):
+        row = {"knowledge": score_mcq_loglik(model, tokenizer, knowledge), "general": score_mcq_loglik(model, tokenizer, general)}
     row["chat_kl"] = response_kl(reference, model, tokenizer, prompts, responses) if reference is not None else 0.0
     return row
 
@@ -66,7 +68,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     initial = load_model(cfg.model)
-    responses = greedy_responses(initial, tokenizer, prompts, cfg.max_new_tokens)
+    with autocast(next(initial.parameters()).device, "bf16"):
+        responses = greedy_responses(initial, tokenizer, prompts, cfg.max_new_tokens)
     save_responses(out / "reference_responses.jsonl", prompts, responses, tokenizer)
     rows = [{"name": "initial"} | evaluate_model(initial, tokenizer, knowledge, general)]
     log(f"initial: knowledge {rows[0]['knowledge']['accuracy']:.3f}, general {rows[0]['general']['accuracy']:.3f}")

@@ -45,3 +45,156 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index
     )
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` is true (0 when nothing is selected)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def ft_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FT+KL (DiSC paper baseline): CE + beta · KL(teacher ‖ student) on the same tokens.
+
+    Both logits are [B, L, V] over the same input; CE and KL cover the positions that predict a
+    labelled token (mean over those positions). Returns (total, ce, kl).
+    """
+    ce = token_cross_entropy(student_logits, labels, ignore_index)
+    keep = labels[:, 1:] != ignore_index
+    kl = forward_kl_per_position(teacher_logits[:, :-1][keep], student_logits[:, :-1][keep], temperature).mean()
+    return ce + beta * kl, ce, kl
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label_{t+1}) at each position t, validity mask), both [B, L-1], in fp32."""
+    shift_labels = labels[:, 1:]
+    valid = shift_labels != ignore_index
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, shift_labels.clamp_min(0)[..., None])[..., 0], valid
+
+
+def talr_dynamic_tau(token_logp: torch.Tensor, valid: torch.Tensor) -> float:
+    """TALR's default temperature: the median over sequences of the mean per-token NLL (at least 1e-6)."""
+    per_sequence = -(token_logp * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+    return max(per_sequence.median().item(), 1e-6)
+
+
+def talr_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float | None = None,
+    floor: float = 0.01,
+    min_prob: float = 1e-6,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, float]:
+    """Token-adaptive loss reweighting (Lin et al. 2025), as in the DiSC authors' baseline.
+
+    w_t = clamp(p_t^(1/tau), floor) with stop-gradient (p_t clamped below at `min_prob`); the loss is
+    sum_t w_t · NLL_t / (number of labelled tokens). `tau=None` uses `talr_dynamic_tau`.
+    Returns (loss, tau used).
+    """
+    logp, valid = token_logprobs(logits, labels, ignore_index)
+    if tau is None:
+        tau = talr_dynamic_tau(logp.detach(), valid)
+    with torch.no_grad():
+        weights = logp.exp().clamp_min(min_prob).pow(1.0 / tau).clamp_min(floor) * valid
+    loss = (weights * -logp * valid).sum() / valid.sum().clamp_min(1)
+    return loss, tau
+
+
+def chunked_kl(per_position: torch.Tensor, chunk: int = 64, reduction: str = "chunk_sum") -> torch.Tensor:
+    """CD-base's reduction of a per-position KL [N]: the positions are cut into `chunk`-long pieces.
+
+    `chunk_sum` is the authors' code (`kl_div(..., "batchmean")` on [1, chunk, V] divides by the
+    batch size 1, so each chunk contributes the SUM of its positions) averaged over chunks;
+    `mean` is the plain mean over positions.
+    """
+    if reduction == "mean":
+        return per_position.mean()
+    if reduction != "chunk_sum":
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return torch.stack([piece.sum() for piece in per_position.split(chunk)]).mean()
+
+
+def masked_kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over the selected positions of T² · KL(teacher ‖ student); logits [..., V], mask [...]."""
+    return forward_kl_per_position(teacher_logits[mask], student_logits[mask], temperature).mean()
+
+
+def distill_with_ce(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In-context distillation: mean masked T²·KL plus `ce_weight` × mean CE of `targets` at the same
+    positions (`targets[i]` is the gold next token at position i). Returns (total, kl, ce)."""
+    kl = masked_kl_loss(teacher_logits, student_logits, mask, temperature)
+    ce = F.cross_entropy(student_logits[mask].float(), targets[mask])
+    return kl + ce_weight * ce, kl, ce
+
+
+def chunked_head_kl(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_head: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Σ_i weights[i] · T²·KL(teacher_i ‖ student_i), projecting hidden states to logits chunk by chunk.
+
+    `*_hidden` are [N, H] final hidden states at the distilled positions, `*_head` the [V, H] LM-head
+    weights. Each chunk's logits are recomputed in the backward pass (activation checkpointing), so
+    at most `chunk_size` x V logits exist at once instead of N x V: memory stays flat in document
+    length and the gradient equals the dense computation.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h_s, h_t, w):
+        t_logits = h_t @ teacher_head.T.to(h_t.dtype)
+        s_logits = h_s @ student_head.T.to(h_s.dtype)
+        return (forward_kl_per_position(t_logits, s_logits, temperature) * w).sum()
+
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for first in range(0, student_hidden.shape[0], chunk_size):
+        part = slice(first, first + chunk_size)
+        args = (student_hidden[part], teacher_hidden[part].detach(), weights[part])
+        total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args))
+    return total
+
+
+def topk_tail_kl_per_position(
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    student_logits: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """T²·KL over the teacher's top-k tokens plus one bucket holding the rest of the vocabulary.
+
+    The teacher side comes from a cache: log-probabilities at temperature T of its k most likely
+    tokens ([N, k]) and their ids. The tail bucket's teacher mass is 1 − Σ top-k; the student's is its
+    mass outside those ids. With k = V the tail is empty and this equals the full-vocabulary KL.
+    """
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_top = s_logp.gather(-1, teacher_topk_ids.long())
+    t_top = teacher_topk_logprobs.float()
+    top_term = (t_top.exp() * (t_top - s_top)).sum(-1)
+    if teacher_topk_ids.shape[-1] == student_logits.shape[-1]:  # the whole vocabulary: no tail bucket
+        return top_term * temperature**2
+    t_tail = (1 - t_top.exp().sum(-1)).clamp_min(0)
+    # The student's tail mass as a log-sum-exp over the tokens outside the top-k (stable; a large
+    # finite fill instead of -inf for the top-k entries keeps every gradient finite).
+    s_tail_logp = torch.logsumexp(s_logp.scatter(-1, teacher_topk_ids.long(), -1e4), dim=-1)
+    tail_term = torch.where(t_tail > 1e-12, t_tail * (torch.log(t_tail.clamp_min(1e-30)) - s_tail_logp), torch.zeros_like(t_tail))
+    return (top_term + tail_term) * temperature**2

@@ -189,14 +189,45 @@ class Teacher:
         if model is not None:
             model.eval().requires_grad_(False)
 
+    @contextlib.contextmanager
+    def _frozen(self):
+        """The module to run as the teacher: the frozen model, or the student with its adapter off."""
+        if self.student is None:
+            yield self.model
+            return
+        was_training = self.student.training
+        self.student.eval()  # no LoRA dropout on the adapter-free path, and no dropout in the base
+        try:
+            with self.student.disable_adapter():
+                yield self.student
+        finally:
+            self.student.train(was_training)
+
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
-        if self.student is not None:
-            was_training = self.student.training
-            self.student.eval()  # no LoRA dropout on the adapter-free path, and no dropout in the base
-            try:
-                with self.student.disable_adapter():
-                    return self.student(*args, **kwargs)
-            finally:
-                self.student.train(was_training)
-        return self.model(*args, **kwargs)
+        with self._frozen() as model:
+            return model(*args, **kwargs)
+
+    @torch.no_grad()
+    def hidden_states(self, **kwargs) -> torch.Tensor:
+        """Final (normed) hidden states [B, L, H]; the LM head is applied separately, in chunks."""
+        with self._frozen() as model:
+            return final_hidden_states(model, **kwargs)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return (self.model if self.student is None else self.student).get_output_embeddings().weight
+
+
+def final_hidden_states(model, **kwargs) -> torch.Tensor:
+    return model.get_decoder()(**kwargs).last_hidden_state
+
+
+def plain_lm_head(model) -> bool:
+    """True when logits are exactly hidden @ head.T (no soft-capping or scaling), so chunking is exact."""
+    config = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return False
+    head = model.get_output_embeddings()
+    return isinstance(head, torch.nn.Linear) and head.bias is None

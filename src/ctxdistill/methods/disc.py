@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import disc_loss
+from ..losses import chunked_head_kl, disc_loss, mean_per_group, topk_tail_kl_per_position
+from ..models import final_hidden_states, plain_lm_head
+from ..teacher_cache import TeacherCache
 from ..segment import SegmentedDoc, choose_spans, segment_document
 from . import Method, PreparedCorpus
 
@@ -108,18 +110,37 @@ class Disc(Method):
         return DiscItem(example, tuple(spans)) if spans else None
 
     def loss(self, student, teacher, item: DiscItem, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
-        token_ids = item.doc.token_ids
-        spans = item.spans
+        token_ids, spans = item.doc.token_ids, item.spans
+        stats = {"student_tokens": item.student_tokens, "teacher_tokens": item.teacher_tokens}
+        span_of_position = torch.cat([torch.full((e - s - 1,), i) for i, (s, e) in enumerate(spans)]).to(device)
         if cfg.teacher_mode == "per_split":
             teacher_logits = per_split_teacher_logits(teacher, token_ids, spans, device)
             student_logits = torch.cat([
                 student(input_ids=torch.tensor([token_ids[s:e]], device=device), use_cache=False).logits[0, : e - s - 1]
                 for s, e in spans
             ])
-        else:
-            teacher_logits = single_pass_teacher_logits(teacher, token_ids, spans, device)
-            input_ids, attention, keep = suffix_batch(token_ids, spans, pad_id, device)
+            return disc_loss(teacher_logits, student_logits, span_of_position, len(spans), cfg.temperature), stats
+
+        input_ids, attention, keep = suffix_batch(token_ids, spans, pad_id, device)
+        if isinstance(teacher, TeacherCache):  # no teacher model: its top-k distributions were cached
+            topk_logprobs, topk_ids = teacher.lookup(item.doc_id, teacher_positions(spans))
             student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
-        span_of_position = torch.cat([torch.full((e - s - 1,), i) for i, (s, e) in enumerate(spans)]).to(device)
-        loss = disc_loss(teacher_logits, student_logits.reshape(teacher_logits.shape), span_of_position, len(spans), cfg.temperature)
-        return loss, {"student_tokens": item.student_tokens, "teacher_tokens": item.teacher_tokens}
+            per_position = topk_tail_kl_per_position(topk_logprobs.to(device), topk_ids.to(device),
+                                                     student_logits.reshape(len(topk_ids), -1), cfg.temperature)
+            return mean_per_group(per_position, span_of_position, len(spans)).mean(), stats | {"teacher_tokens": 0}
+
+        n_positions = int(keep.sum())
+        if cfg.kl_chunk_size and n_positions > cfg.kl_chunk_size and plain_lm_head(student):
+            positions = teacher_positions(spans).to(device)
+            end = max(e for _, e in spans)
+            teacher_hidden = teacher.hidden_states(input_ids=torch.tensor([token_ids[:end]], device=device), use_cache=False)[0, positions]
+            student_hidden = final_hidden_states(student, input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
+            lengths = torch.bincount(span_of_position, minlength=len(spans)).float()
+            weights = 1.0 / (lengths[span_of_position] * len(spans))
+            loss = chunked_head_kl(student_hidden, teacher_hidden, student.get_output_embeddings().weight, teacher.head_weight,
+                                   weights, cfg.temperature, cfg.kl_chunk_size)
+            return loss, stats
+
+        teacher_logits = single_pass_teacher_logits(teacher, token_ids, spans, device)
+        student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+        return disc_loss(teacher_logits, student_logits, span_of_position, len(spans), cfg.temperature), stats
