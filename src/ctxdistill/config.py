@@ -23,7 +23,12 @@ def opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-METHOD_NAMES = ("disc", "ft")
+METHOD_NAMES = ("disc", "ft", "ft_kl", "lora", "rephrase", "talr", "replay", "cd_base", "icl_distill", "mixsd")
+REPLAY_BASE_METHODS = ("ft", "ft_kl", "lora", "rephrase", "talr", "disc")
+DEFAULT_REPHRASE_PROMPT = "Below is a article. Rewrite it in your own words  \n\n{document}\n\nContinuation:"
+DEFAULT_CD_PROMPT = "Below is a article.\n\n{document}\n\nContinuation:"
+DEFAULT_MIXSD_EXPERT_PROMPT = ("{question}\nThis question is from a new knowledge base. Here is the answer to this question:\n"
+                               "{context}\nNow answer the question.")
 
 
 @dataclass
@@ -54,18 +59,68 @@ class TrainConfig:
     suffix_tokens: int = opt(0, "suffix length for token_random_variable_suffix (0 = to the document end)")
     min_suffix_tokens: int = opt(2, "suffixes shorter than this are dropped")
     teacher_mode: str = opt("single_pass", "single_pass: one teacher forward per document; per_split: the authors' reference (one per split point)", ("single_pass", "per_split"))
+    kl_chunk_size: int = opt(1024, "compute LM head + KL in chunks of this many positions (0 = dense); identical gradient, memory flat in document length")
     max_length: int = opt(2048, "longest sequence the model sees; longer documents are cut at sentence boundaries into windows")
     # precision and devices
     precision: str = opt("bf16", "bf16: fp32 master weights with bf16 autocast; fp32: no autocast", ("bf16", "fp32"))
     teacher_dtype: str = opt("bf16", "dtype of the frozen teacher copy (full fine-tuning only)", ("bf16", "fp32"))
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     # student
-    student: str = opt("full", "full fine-tuning or a LoRA adapter (the teacher is then the adapter-disabled model)", ("full", "lora"))
+    student: str = opt("auto", "full fine-tuning or a LoRA adapter (the teacher is then the adapter-disabled model); auto: the method's default (lora for lora and icl_distill, full otherwise)", ("auto", "full", "lora"))
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.1, "LoRA dropout")
     lora_targets: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list of module names")
     merge_lora: bool = opt(False, "also write OUT/merged: the LoRA adapter merged into a plain model")
+    # FT variants: ft_kl, talr (DiSC paper baselines)
+    kl_beta: float = opt(0.1, "ft_kl: weight of KL(initial model || student) added to the CE")
+    kl_temperature: float = opt(1.0, "ft_kl and replay KL: softmax temperature of that KL (scaled by T^2)")
+    talr_tau: float = opt(0.0, "talr: fixed temperature tau of the weights p^(1/tau); 0 = the batch median of per-sequence mean NLL, recomputed every step")
+    talr_floor: float = opt(0.01, "talr: lower clamp of the token weights")
+    # text generation (rephrase, cd_base, mixsd)
+    gen_batch_size: int = opt(8, "prompts generated together (left-padded, KV cache)")
+    gen_top_p: float = opt(0.95, "nucleus sampling for rephrase and cd_base generations (1 = off)")
+    gen_cache: bool = opt(True, "reuse generations cached on disk under $CTXDISTILL_CACHE/generations, keyed by model, prompt and sampling settings")
+    # rephrase (FT on self-paraphrases)
+    rephrase_prompt: str = opt(DEFAULT_REPHRASE_PROMPT, "rephrase: user message; {document} is replaced by the document (the authors' KUP prompt, verbatim)")
+    rephrase_system: str = opt("You are a helpful writing assistant.", "rephrase and cd_base document mode: system message ('' = none)")
+    rephrase_temperature: float = opt(1.0, "rephrase: sampling temperature (0 = greedy)")
+    rephrase_max_new_tokens: int = opt(2048, "rephrase: longest paraphrase in tokens")
+    # replay
+    replay_method: str = opt("ft", "replay: the method applied to the documents", REPLAY_BASE_METHODS)
+    replay_source: str = opt("bundled:gsm8k_train", "replay: JSONL of {prompt, response} pairs mixed into the stream")
+    replay_n: int = opt(100, "replay: number of replay examples drawn (seeded) from replay_source")
+    replay_kl_weight: float = opt(0.0, "replay: if > 0, replay items get CE + this weight x KL(initial model || student)")
+    replay_format: str = opt("plain", "replay: plain = f'{prompt}\\n{response}', CE on all tokens (the authors'); chat = chat template, CE on the response", ("plain", "chat"))
+    # cd_base
+    cd_mode: str = opt("document", "cd_base: document (the DiSC paper's CD-base) or entity (arXiv 2306.09306: {entity, definition} records)", ("document", "entity"))
+    cd_temperature: float = opt(1.0, "cd_base document mode: distillation temperature (the authors' help says 1.0, their code passed 2.0: set it explicitly)")
+    cd_prompt: str = opt(DEFAULT_CD_PROMPT, "cd_base document mode: user message for the continuation; {document} is replaced by the document")
+    cd_sample_temperature: float = opt(1.0, "cd_base document mode: sampling temperature of the continuation")
+    cd_max_new_tokens: int = opt(1000, "cd_base document mode: longest continuation (the KL is truncated to 1000 tokens)")
+    cd_chunk: int = opt(64, "cd_base document mode: KL chunk length in positions")
+    cd_reduction: str = opt("chunk_sum", "cd_base document mode: chunk_sum = the authors' code (sum of KL within each chunk, mean over chunks); mean = mean over positions", ("chunk_sum", "mean"))
+    entity_sentences: int = opt(5, "cd_base entity mode: transfer sentences per entity")
+    entity_steps: int = opt(5, "cd_base entity mode: optimizer steps per transfer sentence")
+    entity_temperature: float = opt(2.0, "cd_base entity mode: distillation temperature")
+    entity_after_span: bool = opt(False, "cd_base entity mode: KL only on tokens after the entity mention (the paper's option; the released configs use the whole sentence)")
+    entity_reset_optimizer: bool = opt(True, "cd_base entity mode: fresh AdamW state for each transfer sentence, as in the authors' code")
+    entity_sample_temperature: float = opt(0.9, "cd_base entity mode: sampling temperature of the transfer sentences")
+    entity_top_k: int = opt(50, "cd_base entity mode: top-k of the transfer-sentence sampling")
+    entity_max_new_tokens: int = opt(40, "cd_base entity mode: transfer-sentence length in tokens")
+    entity_rounds: int = opt(4, "cd_base entity mode: sampling rounds to find continuations that mention the entity")
+    # icl_distill
+    icl_k: int = opt(4, "icl_distill: demonstrations in the teacher's context")
+    icl_temperature: float = opt(1.0, "icl_distill: distillation temperature")
+    icl_ce_weight: float = opt(0.0, "icl_distill: weight of CE on the gold answer added to the KL")
+    icl_format: str = opt("chat", "icl_distill: chat = demonstrations as chat turns; plain = 'prompt\\nanswer' blocks", ("chat", "plain"))
+    # mixsd
+    mixsd_lambda: float = opt(0.3, "mixsd: probability that a target token comes from the naive conditional (0 = pure expert, 1 = pure naive)")
+    mixsd_retries: int = opt(10, "mixsd: regenerations of a target whose answer does not match")
+    mixsd_temperature: float = opt(0.0, "mixsd: 0 = greedy; > 0 samples from the top-k softmax(logits / T)")
+    mixsd_top_k: int = opt(64, "mixsd: top-k when sampling")
+    mixsd_max_new_tokens: int = opt(128, "mixsd: longest target in tokens")
+    mixsd_expert_prompt: str = opt(DEFAULT_MIXSD_EXPERT_PROMPT, "mixsd: expert user message with {question} and {context} (the record's fact, else its answer)")
     # bookkeeping
     save_model: bool = opt(True, "write OUT/model at the end")
     overwrite: bool = opt(False, "replace an existing non-empty output directory")
@@ -84,6 +139,26 @@ class TrainConfig:
         for name in ("max_steps", "grad_clip", "weight_decay", "suffix_tokens", "min_chars"):
             if not getattr(self, name) >= 0:
                 raise CtxDistillError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("gen_batch_size", "rephrase_max_new_tokens", "cd_max_new_tokens", "cd_chunk", "entity_sentences", "entity_steps",
+                     "entity_max_new_tokens", "entity_rounds", "icl_k", "mixsd_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise CtxDistillError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("kl_temperature", "cd_temperature", "entity_temperature", "icl_temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise CtxDistillError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("kl_beta", "talr_tau", "talr_floor", "replay_n", "replay_kl_weight", "rephrase_temperature", "cd_sample_temperature",
+                     "entity_sample_temperature", "entity_top_k", "icl_ce_weight", "mixsd_retries", "mixsd_temperature", "mixsd_top_k"):
+            if not getattr(self, name) >= 0:
+                raise CtxDistillError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not (0 < self.gen_top_p <= 1):
+            raise CtxDistillError(f"gen_top_p must be in (0, 1], got {self.gen_top_p!r}")
+        if not (0 <= self.mixsd_lambda <= 1):
+            raise CtxDistillError(f"mixsd_lambda must be in [0, 1], got {self.mixsd_lambda!r}")
+        for name, keys in (("rephrase_prompt", ("{document}",)), ("cd_prompt", ("{document}",)), ("mixsd_expert_prompt", ("{question}", "{context}"))):
+            missing = [k for k in keys if k not in getattr(self, name)]
+            if missing:
+                raise CtxDistillError(f"{name} must contain {' and '.join(missing)}")
         if not (0 <= self.lora_dropout < 1):
             raise CtxDistillError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         return self

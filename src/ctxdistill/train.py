@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import TrainConfig, to_dict
-from .corpus import load_corpus
 from .errors import CtxDistillError
 from .methods import get_method
 from .models import Teacher, apply_lora, load_model, load_tokenizer
@@ -72,8 +71,14 @@ def epoch_items(method, examples: list, cfg: TrainConfig, epoch: int) -> list:
     rng = random.Random(cfg.seed * 1_000_003 + epoch)
     order = list(range(len(examples)))
     rng.shuffle(order)
-    items = (method.plan(examples[i], rng, cfg) for i in order)
-    return [item for item in items if item is not None]
+    items = []
+    for i in order:
+        item = method.plan(examples[i], rng, cfg)
+        if isinstance(item, list):  # one example, several consecutive steps
+            items.extend(item)
+        elif item is not None:
+            items.append(item)
+    return items
 
 
 def build_student(cfg: TrainConfig, device: torch.device):
@@ -132,8 +137,9 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     """Train a student with `cfg.method` on `cfg.corpus`; write model, run.json and losses.jsonl."""
     cfg.validate()
     method = get_method(cfg.method)
+    cfg = method.configure(cfg)
     started = time.perf_counter()
-    documents, corpus_report = load_corpus(cfg.corpus, cfg.text_field, cfg.id_field, cfg.min_chars)
+    documents, corpus_report = method.load(cfg)  # validates the input before any model loads
     for line in corpus_report.summary():
         log(f"corpus: {line}")
     out_dir = prepare_output_dir(cfg.out, cfg.overwrite) if cfg.out else None
@@ -142,14 +148,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     student, tokenizer = build_student(cfg, device)
-    prepared = method.prepare(documents, tokenizer, cfg)
+    extra = dict(model=student, device=device, out_dir=out_dir, progress=progress, log=log) if method.prepare_uses_model else {}
+    prepared = method.prepare(documents, tokenizer, cfg, **extra)
     for reason, where in prepared.skipped.items():
         if where:
             log(f"{method.name}: skipped {len(where)} {reason} document(s): {', '.join(where[:3])}")
     if not prepared.examples:
         raise CtxDistillError(f"no document is usable by {method.name} ({method.input_format})")
     teacher = build_teacher(cfg, student, device) if method.needs_teacher else None
-    load_seconds = time.perf_counter() - started
+    generate_seconds = prepared.generation.get("seconds", 0.0)
+    load_seconds = time.perf_counter() - started - generate_seconds
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -171,6 +179,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
                 if cfg.max_steps and counts["steps"] >= cfg.max_steps:
                     break
                 group = items[first : first + cfg.docs_per_step]
+                if any(getattr(item, "reset_optimizer", False) for item in group):
+                    optimizer.state.clear()
                 optimizer.zero_grad(set_to_none=True)
                 step_loss, step_tokens = 0.0, 0
                 for item in group:
@@ -215,10 +225,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
         "corpus": corpus_report.to_dict() | {"examples": len(prepared.examples),
                                              "skipped_by_method": {k: len(v) for k, v in prepared.skipped.items()}},
         "counts": counts,
-        "timings_s": {"load": round(load_seconds, 3), "train": round(train_seconds, 3)},
+        "timings_s": {"load": round(load_seconds, 3), "generate": round(generate_seconds, 3), "train": round(train_seconds, 3)},
         "throughput": {"documents_per_s": counts["documents"] / max(train_seconds, 1e-9),
                        "student_tokens_per_s": counts["student_tokens"] / max(train_seconds, 1e-9)},
     }
+    if prepared.generation:
+        summary["generation"] = prepared.generation
     if out_dir:
         if cfg.save_model:
             save_started = time.perf_counter()
