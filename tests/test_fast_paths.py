@@ -103,3 +103,30 @@ def test_a_truncated_cache_is_refused(built_cache):
     (cache_dir / "manifest.json").unlink()
     with pytest.raises(CtxDistillError, match="not a teacher cache"):
         TeacherCache.open(cache_dir)
+
+
+def test_batching_documents_gives_the_mean_of_per_document_losses_and_gradients(tiny_model, tokenizer):
+    from conftest import NEWS as docs
+
+    segmented = [segment_document(f"d{i}", text, tokenizer)[0] for i, text in enumerate(docs)]
+    items = [DiscItem(d, tuple(choose_spans(d, "token_random_variable_suffix", random.Random(i), num_splits=3, suffix_tokens=0)))
+             for i, d in enumerate(segmented)]  # overlapping spans, documents of different lengths
+    teacher_model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in teacher_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher, cfg, method = Teacher(model=teacher_model), TrainConfig(), Disc()
+
+    tiny_model.zero_grad()
+    for item in items:
+        (method.loss(tiny_model, teacher, item, cfg, 0, "cpu")[0] / len(items)).backward()
+    one_by_one = [p.grad.clone() for p in tiny_model.parameters()]
+    separate = sum(method.loss(tiny_model, teacher, item, cfg, 0, "cpu")[0].item() for item in items) / len(items)
+
+    tiny_model.zero_grad()
+    batched, stats = method.batch_loss(tiny_model, teacher, items, cfg, 0, "cpu")
+    batched.backward()
+    assert batched.item() == pytest.approx(separate, rel=1e-5)
+    for a, b in zip(one_by_one, tiny_model.parameters()):
+        torch.testing.assert_close(b.grad, a, rtol=1e-4, atol=1e-7)
+    assert stats["student_tokens"] == sum(i.student_tokens for i in items)

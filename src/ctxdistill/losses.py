@@ -166,6 +166,8 @@ def chunked_head_kl(
         s_logits = h_s @ student_head.T.to(h_s.dtype)
         return (forward_kl_per_position(t_logits, s_logits, temperature) * w).sum()
 
+    if student_hidden.shape[0] <= chunk_size:  # one chunk: nothing to save by recomputing
+        return chunk_loss(student_hidden, teacher_hidden.detach(), weights)
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for first in range(0, student_hidden.shape[0], chunk_size):
         part = slice(first, first + chunk_size)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import chunked_head_kl, disc_loss, mean_per_group, topk_tail_kl_per_position
+from ..losses import chunked_head_kl, disc_loss, forward_kl_per_position, topk_tail_kl_per_position
 from ..models import final_hidden_states, plain_lm_head
 from ..teacher_cache import TeacherCache
 from ..segment import SegmentedDoc, choose_spans, segment_document
@@ -47,15 +47,20 @@ class DiscItem:
 
 
 def suffix_batch(token_ids: list[int], spans, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded student batch of the suffixes: (input_ids, attention_mask, keep) each [n_spans, L].
+    """Right-padded student batch of one document's suffixes (see `suffixes_batch`)."""
+    return suffixes_batch([(token_ids, s, e) for s, e in spans], pad_id, device)
 
-    `keep` marks positions 0..len-2 of every suffix: the ones whose logits are distilled.
+
+def suffixes_batch(suffixes, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded batch of (token_ids, start, end) suffixes: (input_ids, attention_mask, keep), each [n, L].
+
+    `keep` marks positions 0..len-2 of every suffix: the ones whose predictions are distilled.
     """
-    longest = max(e - s for s, e in spans)
-    input_ids = torch.full((len(spans), longest), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(spans), longest), dtype=torch.long)
-    keep = torch.zeros((len(spans), longest), dtype=torch.bool)
-    for row, (s, e) in enumerate(spans):
+    longest = max(e - s for _, s, e in suffixes)
+    input_ids = torch.full((len(suffixes), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(suffixes), longest), dtype=torch.long)
+    keep = torch.zeros((len(suffixes), longest), dtype=torch.bool)
+    for row, (token_ids, s, e) in enumerate(suffixes):
         input_ids[row, : e - s] = torch.tensor(token_ids[s:e])
         attention[row, : e - s] = 1
         keep[row, : e - s - 1] = True
@@ -90,6 +95,44 @@ def per_split_teacher_logits(teacher, token_ids: list[int], spans, device) -> to
     return torch.cat(rows)
 
 
+@dataclass(frozen=True)
+class TeacherBatch:
+    """Several documents right-padded for one teacher pass, and where each distilled position lands.
+
+    `keep` [n_docs, L] marks the unique positions to project; `rows` maps every distilled position
+    (document after document, span after span) to its row in the flattened `keep` selection.
+    """
+
+    input_ids: torch.Tensor
+    attention: torch.Tensor
+    keep: torch.Tensor
+    rows: torch.Tensor
+
+
+def teacher_batch(items, pad_id: int, device) -> TeacherBatch:
+    ends = [max(e for _, e in item.spans) for item in items]
+    input_ids = torch.full((len(items), max(ends)), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    keep = torch.zeros_like(input_ids, dtype=torch.bool)
+    rows, offset = [], 0
+    for row, (item, end) in enumerate(zip(items, ends)):
+        input_ids[row, :end] = torch.tensor(item.doc.token_ids[:end])
+        attention[row, :end] = 1
+        unique, inverse = torch.unique(teacher_positions(item.spans), return_inverse=True)
+        keep[row, unique] = True
+        rows.append(inverse + offset)
+        offset += len(unique)
+    return TeacherBatch(input_ids.to(device), attention.to(device), keep.to(device), torch.cat(rows).to(device))
+
+
+def position_weights(items) -> torch.Tensor:
+    """Weight of each distilled position so that the weighted sum is DiSC's loss averaged over documents:
+    mean over documents of (mean over split points of (mean over the split's positions))."""
+    weights = [torch.full((e - s - 1,), 1.0 / ((e - s - 1) * len(item.spans) * len(items)))
+               for item in items for s, e in item.spans]
+    return torch.cat(weights)
+
+
 class Disc(Method):
     name = "disc"
     needs_teacher = True
@@ -110,37 +153,44 @@ class Disc(Method):
         return DiscItem(example, tuple(spans)) if spans else None
 
     def loss(self, student, teacher, item: DiscItem, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
-        token_ids, spans = item.doc.token_ids, item.spans
-        stats = {"student_tokens": item.student_tokens, "teacher_tokens": item.teacher_tokens}
-        span_of_position = torch.cat([torch.full((e - s - 1,), i) for i, (s, e) in enumerate(spans)]).to(device)
         if cfg.teacher_mode == "per_split":
-            teacher_logits = per_split_teacher_logits(teacher, token_ids, spans, device)
-            student_logits = torch.cat([
-                student(input_ids=torch.tensor([token_ids[s:e]], device=device), use_cache=False).logits[0, : e - s - 1]
-                for s, e in spans
-            ])
-            return disc_loss(teacher_logits, student_logits, span_of_position, len(spans), cfg.temperature), stats
+            return self.reference_loss(student, teacher, item, cfg, device)
+        return self.batch_loss(student, teacher, [item], cfg, pad_id, device)
 
-        input_ids, attention, keep = suffix_batch(token_ids, spans, pad_id, device)
+    def reference_loss(self, student, teacher, item: DiscItem, cfg, device) -> tuple[torch.Tensor, dict]:
+        """The authors' computation: one teacher and one student pass per split point, batch 1."""
+        token_ids, spans = item.doc.token_ids, item.spans
+        teacher_logits = per_split_teacher_logits(teacher, token_ids, spans, device)
+        student_logits = torch.cat([
+            student(input_ids=torch.tensor([token_ids[s:e]], device=device), use_cache=False).logits[0, : e - s - 1]
+            for s, e in spans
+        ])
+        span_of_position = torch.cat([torch.full((e - s - 1,), i) for i, (s, e) in enumerate(spans)]).to(device)
+        loss = disc_loss(teacher_logits, student_logits, span_of_position, len(spans), cfg.temperature)
+        return loss, {"student_tokens": item.student_tokens, "teacher_tokens": item.teacher_tokens}
+
+    def batch_loss(self, student, teacher, items: list[DiscItem], cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+        """DiSC's loss averaged over several documents, with one student pass over all their suffixes and
+        one teacher pass over all the documents (or the teacher cache). Equal to averaging `loss` per item."""
+        stats = {"student_tokens": sum(i.student_tokens for i in items), "teacher_tokens": sum(i.teacher_tokens for i in items)}
+        input_ids, attention, keep = suffixes_batch([(i.doc.token_ids, s, e) for i in items for s, e in i.spans], pad_id, device)
+        weights = position_weights(items).to(device)
         if isinstance(teacher, TeacherCache):  # no teacher model: its top-k distributions were cached
-            topk_logprobs, topk_ids = teacher.lookup(item.doc_id, teacher_positions(spans))
+            cached = [teacher.lookup(i.doc_id, teacher_positions(i.spans)) for i in items]
             student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
-            per_position = topk_tail_kl_per_position(topk_logprobs.to(device), topk_ids.to(device),
-                                                     student_logits.reshape(len(topk_ids), -1), cfg.temperature)
-            return mean_per_group(per_position, span_of_position, len(spans)).mean(), stats | {"teacher_tokens": 0}
+            per_position = topk_tail_kl_per_position(torch.cat([c[0] for c in cached]).to(device), torch.cat([c[1] for c in cached]).to(device),
+                                                     student_logits.reshape(len(weights), -1), cfg.temperature)
+            return (per_position * weights).sum(), stats | {"teacher_tokens": 0}
 
-        n_positions = int(keep.sum())
-        if cfg.kl_chunk_size and n_positions > cfg.kl_chunk_size and plain_lm_head(student):
-            positions = teacher_positions(spans).to(device)
-            end = max(e for _, e in spans)
-            teacher_hidden = teacher.hidden_states(input_ids=torch.tensor([token_ids[:end]], device=device), use_cache=False)[0, positions]
+        batch = teacher_batch(items, pad_id, device)
+        if plain_lm_head(student):  # hidden states, then LM head + KL in chunks: no [N, V] tensor for the batch
+            teacher_hidden = teacher.hidden_states(input_ids=batch.input_ids, attention_mask=batch.attention, use_cache=False)[batch.keep]
             student_hidden = final_hidden_states(student, input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
-            lengths = torch.bincount(span_of_position, minlength=len(spans)).float()
-            weights = 1.0 / (lengths[span_of_position] * len(spans))
-            loss = chunked_head_kl(student_hidden, teacher_hidden, student.get_output_embeddings().weight, teacher.head_weight,
-                                   weights, cfg.temperature, cfg.kl_chunk_size)
+            loss = chunked_head_kl(student_hidden, teacher_hidden[batch.rows], student.get_output_embeddings().weight,
+                                   teacher.head_weight, weights, cfg.temperature, cfg.kl_chunk_size or len(weights))
             return loss, stats
-
-        teacher_logits = single_pass_teacher_logits(teacher, token_ids, spans, device)
+        teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention, logits_to_keep=batch.keep, use_cache=False).logits
         student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
-        return disc_loss(teacher_logits, student_logits, span_of_position, len(spans), cfg.temperature), stats
+        vocab = student_logits.shape[-1]
+        per_position = forward_kl_per_position(teacher_logits.reshape(-1, vocab)[batch.rows], student_logits.reshape(-1, vocab), cfg.temperature)
+        return (per_position * weights).sum(), stats
