@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
 import sys
 
 from .config import build_config, field_type
-from .errors import CtxDistillError
+from .errors import CtxDistillError, TrainingInterrupted
 
 COMMANDS = {
     "train": "train a model on a corpus of new documents with a method (DiSC by default)",
@@ -80,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = build_config(TrainConfig, args.config, options)
             result = train(cfg, progress=not args.quiet)
             counts = result.summary["counts"]
-            print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "
-                  f"in {result.summary['timings_s']['train']:.1f} s -> {result.out_dir}")
+            if is_main_process():
+                print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "
+                      f"in {result.summary['timings_s']['train']:.1f} s -> {result.out_dir}")
         elif args.command == "cache-teacher":
             from .config import TrainConfig
             from .teacher_cache import cache_teacher
@@ -99,12 +102,37 @@ def main(argv: list[str] | None = None) -> int:
     except CtxDistillError as exc:
         if args.debug:
             raise
-        print(f"ctxdistill: error: {exc}", file=sys.stderr)
+        if is_main_process():  # every process of a distributed run meets the same error; one line is enough
+            print(f"ctxdistill: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        if is_main_process():
+            print(f"ctxdistill: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("ctxdistill: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the environment, not a bug: full disk, read-only or forbidden path
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"ctxdistill: error: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    finally:
+        end_processes()
     return 0
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def end_processes() -> None:
+    """Leave a distributed run cleanly (torchrun / accelerate launch); nothing to do in one process."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -126,6 +126,12 @@ class TrainConfig:
     overwrite: bool = opt(False, "replace an existing non-empty output directory")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code (off by default)")
     log_every: int = opt(1, "write a losses.jsonl line every N optimizer steps")
+    # distributed training, crash safety (see docs/distributed.md)
+    loss_normalization: str = opt("document", "a step's loss is the mean over its global batch (docs_per_step items, across accumulation and processes) of: document = each item's loss; token = each item's loss weighted by its distilled tokens", ("document", "token"))
+    checkpoint_every: int = opt(250, "write OUT/checkpoints/step-N every N optimizer steps (0 = only on SIGTERM/SIGINT)")
+    keep_checkpoints: int = opt(2, "keep the last K checkpoints")
+    resume: bool | None = opt(None, "continue from the latest checkpoint in --out (default: automatically when --out holds one; --no-resume refuses such a directory unless --overwrite)")
+    on_nonfinite: str = opt("stop", "a non-finite loss or gradient: stop (naming step and document; the last good state is checkpointed) or skip the step (counted in run.json)", ("stop", "skip"))
 
     def validate(self) -> "TrainConfig":
         check_choices(self)
@@ -136,7 +142,9 @@ class TrainConfig:
         for name in ("epochs", "docs_per_step", "num_splits", "min_suffix_tokens", "max_length", "log_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise CtxDistillError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "grad_clip", "weight_decay", "suffix_tokens", "min_chars"):
+        if self.keep_checkpoints < 1:
+            raise CtxDistillError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints!r}")
+        for name in ("max_steps", "grad_clip", "weight_decay", "suffix_tokens", "min_chars", "checkpoint_every"):
             if not getattr(self, name) >= 0:
                 raise CtxDistillError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("gen_batch_size", "rephrase_max_new_tokens", "cd_max_new_tokens", "cd_chunk", "entity_sentences", "entity_steps",
@@ -186,6 +194,8 @@ def coerce(cls, name: str, value):
     if name not in fields:
         raise CtxDistillError(f"unknown option {name!r}; valid options: {', '.join(sorted(fields))}")
     kind = field_type(cls, fields[name])
+    if value is None and fields[name].default is None:  # optional settings (resume) accept null
+        return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):  # YAML reads 3e-6 (no dot) as a string

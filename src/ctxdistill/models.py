@@ -223,8 +223,16 @@ def final_hidden_states(model, **kwargs) -> torch.Tensor:
     return model.get_decoder()(**kwargs).last_hidden_state
 
 
+def mark_sharded(model) -> None:
+    """Flag a student whose weights are sharded (FSDP, DeepSpeed ZeRO): its forward must go through the
+    wrapper, so the fast paths that read submodules or the LM head weight directly are turned off."""
+    model._ctxdistill_sharded = True
+
+
 def plain_lm_head(model) -> bool:
     """True when logits are exactly hidden @ head.T (no soft-capping or scaling), so chunking is exact."""
+    if getattr(model, "_ctxdistill_sharded", False):
+        return False
     config = model.config
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
