@@ -36,12 +36,19 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS, metavar=None if choices else kind.__name__.upper(), help=help_text)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors (unknown flag or method, wrong type) as one line and exit code 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"ctxdistill: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .demo import DemoConfig
     from .config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="ctxdistill", description="Update a post-trained LLM's knowledge with context distillation (DiSC) and compare with fine-tuning baselines.")
+    parser = OneLineParser(prog="ctxdistill", description="Update a post-trained LLM's knowledge with context distillation (DiSC) and compare with fine-tuning baselines.")
     parser.add_argument("--version", action="version", version=f"ctxdistill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cls in (("train", TrainConfig), ("demo", DemoConfig), ("cache-teacher", TrainConfig)):
