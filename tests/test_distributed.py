@@ -28,6 +28,7 @@ EXTRA = [
 ]
 RTOL, ATOL = 1e-5, 1e-6
 BIN = Path(sys.executable).parent
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +105,10 @@ def test_accelerate_launch_lora_token_normalisation_uneven_batches_and_checkpoin
                   docs_per_step=3, epochs=1, student="lora", lora_r=4, lora_dropout=0.0, lora_targets="q_proj,v_proj",
                   loss_normalization="token", checkpoint_every=1)
     train(TrainConfig(out=str(tmp_path / "one"), **values), progress=False, log=quiet)
-    # `--cpu` alone would start ONE process (accelerate runs several CPU processes only through mpirun); the
-    # multi-GPU launcher starts 2 and `--device cpu` makes them join a gloo process group.
-    accelerate = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    # The shipped data-parallel config (a multi-GPU launch); `--device cpu` makes the 2 processes join a gloo
+    # group. (`accelerate launch --cpu` alone would start ONE process: it runs several CPU processes only via mpirun.)
+    accelerate = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
+                  "--main_process_port", str(free_port())]
     launch(accelerate, values, tmp_path / "two")
     runs = assert_same_training(tmp_path / "one", tmp_path / "two")
     assert runs[1]["processes"] == {"world_size": 2, "mode": "data_parallel"}
@@ -146,3 +147,11 @@ def test_token_normalisation_weights_items_by_their_share_of_the_global_tokens(t
     assert record["tokens"] == total
     assert record["loss"] == pytest.approx(sum(losses), rel=1e-5)
     assert record["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp2", "FSDP"), ("zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_are_valid(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type.name == kind and config.mixed_precision == "no", "precision is ctxdistill's --precision"
