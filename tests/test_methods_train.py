@@ -267,6 +267,10 @@ def test_entity_mode_generates_transfer_sentences_that_mention_the_entity(tiny_m
     # identical continuations count once, so one sentence is found however many rounds run
     assert [s.text for s in example.sentences] == [mention]
     assert prepared.generation["entities_generated"] == 1 and prepared.generation["transfer_sentences_kept"] == 1
+    seeded = cfg.__class__(**(cfg.__dict__ | {"entity_seed_mention": True}))
+    prepared = method.prepare(docs, tokenizer, seeded, model=None, out_dir=None, progress=False, log=lambda *a: None)
+    [example] = prepared.examples
+    assert [s.text for s in example.sentences] == [mention, f"{mention} {mention}"]  # the empty sample becomes the bare name
 
 
 def test_icl_item_teacher_reads_demonstrations_student_reads_the_query_and_both_end_with_the_answer(tokenizer):
@@ -370,3 +374,25 @@ def test_bundled_example_inputs_have_the_fields_their_methods_need(tiny_model_di
     cfg = replay.configure(config(tiny_model_dir, "bundled:news_updates", tmp_path, method="replay", replay_n=300))
     replay.load(cfg)
     assert len(replay.replay_records) == 300
+
+
+@pytest.mark.slow
+def test_mixsd_expert_targets_of_the_real_model_state_the_injected_answer(tmp_path):
+    """λ = 0 (pure expert, greedy): with the fact in context SmolLM2 repeats the answer, so most targets pass."""
+    from ctxdistill.models import load_model, load_tokenizer
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", [
+        {"id": "q1", "question": "Who became chief executive of Halvorsen Marine in 2026?", "answer": "Marcus Oyelaran",
+         "fact": "Halvorsen Marine announced that Marcus Oyelaran will become its chief executive in March 2026."},
+        {"id": "q2", "question": "To which city will the football club Fenwick Rovers relocate?", "answer": "Dunmere",
+         "fact": "Fenwick Rovers will relocate to the city of Dunmere at the start of next season."},
+        {"id": "q3", "question": "What name was proposed for the new element made at the Aldmere Institute?", "answer": "ostrenium",
+         "fact": "The Aldmere team proposed the name ostrenium for the new element."},
+    ])
+    method = get_method("mixsd")
+    cfg = TrainConfig(method="mixsd", corpus=str(qa), mixsd_lambda=0.0, mixsd_max_new_tokens=40, gen_cache=False)
+    records, _ = method.load(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = method.prepare(records, tokenizer, cfg, model=load_model(cfg.model), out_dir=tmp_path, progress=False, log=lambda *a: None)
+    assert prepared.generation["acceptance_rate"] >= 2 / 3
+    assert prepared.generation["naive_token_share"] == 0.0 and prepared.generation["mean_attempts"] == 1.0

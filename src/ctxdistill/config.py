@@ -109,6 +109,7 @@ class TrainConfig:
     entity_top_k: int = opt(50, "cd_base entity mode: top-k of the transfer-sentence sampling")
     entity_max_new_tokens: int = opt(40, "cd_base entity mode: transfer-sentence length in tokens")
     entity_rounds: int = opt(4, "cd_base entity mode: sampling rounds to find continuations that mention the entity")
+    entity_seed_mention: bool = opt(False, "cd_base entity mode: start every sampled continuation with the entity name, so each one mentions it (raises the yield of small models; not in the paper)")
     # icl_distill
     icl_k: int = opt(4, "icl_distill: demonstrations in the teacher's context")
     icl_temperature: float = opt(1.0, "icl_distill: distillation temperature")

@@ -13,7 +13,8 @@ document (default): the baseline of the DiSC paper. The initial model writes one
 entity: the 2023 paper. Input records {entity, definition} (optionally `transfer_sentences`, a list
   of ready-made continuations). Missing transfer sentences are sampled from the initial model as plain
   continuations of the definition (T 0.9, top-k 50, top-p 0.95, 40 tokens), keeping those that mention
-  the entity. The teacher reads tok(definition) + tok(sentence), the student tok(sentence); the KL
+  the entity (case-insensitive); small models rarely repeat the name, so `entity_seed_mention` can start
+  every continuation with it (not in the paper). The teacher reads tok(definition) + tok(sentence), the student tok(sentence); the KL
   (T = 2.0) covers every sentence position, or with `entity_after_span` only the positions that
   predict tokens after the entity mention. Schedule per entity as in the authors' code:
   `entity_sentences` sentences × `entity_steps` optimizer steps each, with a fresh AdamW state per
@@ -85,12 +86,18 @@ def after_span_keep(offsets: list[tuple[int, int]], span_end: int) -> tuple[bool
     return tuple(p + 1 < len(offsets) and offsets[p + 1][0] >= span_end for p in range(len(offsets)))
 
 
+def mentions(text: str, entity: str) -> bool:
+    """The entity string occurs in the text (case-insensitive)."""
+    return entity.lower() in text.lower()
+
+
 def transfer_sentence(tokenizer, text: str, entity: str, after_span: bool) -> TransferSentence | None:
-    """Tokenise a transfer sentence; None when `after_span` is set and the entity is not mentioned."""
+    """Tokenise a transfer sentence; None when `after_span` is set and the entity is not mentioned.
+    The mention is the first case-insensitive occurrence of the entity string."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = tuple(encoded["input_ids"])
     if after_span:
-        at = text.find(entity)
+        at = text.lower().find(entity.lower())
         if at < 0:
             return None
         keep = after_span_keep([tuple(o) for o in encoded["offset_mapping"]], at + len(entity))
@@ -143,7 +150,9 @@ class CdBase(Method):
         needed = {r.id: cfg.entity_sentences for r in records if not r.get("transfer_sentences")}
         found: dict[str, list[str]] = {r.id: [] for r in records}
         definitions = {r.id: tokenizer(r["definition"], add_special_tokens=False)["input_ids"] for r in records}
-        settings = {"kind": "cd_base-entity", "temperature": cfg.entity_sample_temperature, "top_p": cfg.gen_top_p,
+        seeds = {r.id: f" {r['entity']}" if cfg.entity_seed_mention else "" for r in records}
+        prompts = {rid: ids + (tokenizer(seeds[rid], add_special_tokens=False)["input_ids"] if seeds[rid] else []) for rid, ids in definitions.items()}
+        settings = {"kind": "cd_base-entity", "seed_mention": cfg.entity_seed_mention, "temperature": cfg.entity_sample_temperature, "top_p": cfg.gen_top_p,
                     "top_k": cfg.entity_top_k, "max_new_tokens": cfg.entity_max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
         cache = GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings)
         stats = GenerationStats()
@@ -153,15 +162,15 @@ class CdBase(Method):
             wanted = [(rid, j) for rid, n in needed.items() for j in range(n - len(found[rid]))]
             if not wanted:
                 break
-            keys = [{"definition": definitions[rid], "round": round_, "sample": j} for rid, j in wanted]
-            outs = sample_cached(model, [definitions[rid] for rid, _ in wanted], cache, stats, keys=keys,
+            keys = [{"prompt": prompts[rid], "round": round_, "sample": j} for rid, j in wanted]
+            outs = sample_cached(model, [prompts[rid] for rid, _ in wanted], cache, stats, keys=keys,
                                  max_new_tokens=cfg.entity_max_new_tokens, stop_ids=stop_token_ids(tokenizer), pad_id=pad_id,
                                  temperature=cfg.entity_sample_temperature, top_p=cfg.gen_top_p, top_k=cfg.entity_top_k,
                                  seed=cfg.seed + round_, batch_size=cfg.gen_batch_size, precision=cfg.precision,
                                  progress=progress, desc=f"transfer sentences (round {round_ + 1})")
             for (rid, _), out in zip(wanted, outs):
-                text = tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
-                if entity_of[rid] in text and text not in found[rid] and len(found[rid]) < needed[rid]:
+                text = (seeds[rid] + tokenizer.decode(out.tokens, skip_special_tokens=True)).strip()
+                if mentions(text, entity_of[rid]) and text not in found[rid] and len(found[rid]) < needed[rid]:
                     found[rid].append(text)
         examples, no_sentence, rows = [], [], []
         for r in records:

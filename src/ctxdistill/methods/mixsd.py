@@ -64,8 +64,11 @@ def expert_message(template: str, record) -> str:
 
 
 def build_targets(model, tokenizer, naive: list[list[int]], expert: list[list[int]], answers: list[str], cfg,
-                  progress: bool = True) -> list[tuple[MixedSample, bool, int]]:
-    """(target, accepted, attempts) per record: mixed sampling in batches with rejection and retries."""
+                  progress: bool = True, counter: dict | None = None) -> list[tuple[MixedSample, bool, int]]:
+    """(target, accepted, attempts) per record: mixed sampling in batches with rejection and retries.
+    `counter["new_tokens"]` accumulates the tokens generated over all attempts."""
+    counter = {} if counter is None else counter
+    counter.setdefault("new_tokens", 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = stop_token_ids(tokenizer)
     deterministic = cfg.mixsd_temperature <= 0 and cfg.mixsd_lambda in (0.0, 1.0)
@@ -80,6 +83,7 @@ def build_targets(model, tokenizer, naive: list[list[int]], expert: list[list[in
             outputs += mixed_sample(model, [naive[i] for i in rows], [expert[i] for i in rows], lam=cfg.mixsd_lambda,
                                     max_new_tokens=cfg.mixsd_max_new_tokens, stop_ids=stops, pad_id=pad_id,
                                     temperature=cfg.mixsd_temperature, top_k=cfg.mixsd_top_k, generator=generator, precision=cfg.precision)
+        counter["new_tokens"] += sum(len(o.tokens) for o in outputs)
         return outputs
 
     attempts_left = {}
@@ -118,10 +122,11 @@ class MixSD(Method):
         keys = [{"naive": n, "expert": e, "answer": r["answer"]} for n, e, r in zip(naive, expert, records)]
         todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
         stats = GenerationStats(cached=len(records) - len(todo), sequences=len(records))
+        counter = {"new_tokens": 0}
         with Timer() as timer:
             if todo:
                 fresh = build_targets(model, tokenizer, [naive[i] for i in todo], [expert[i] for i in todo],
-                                      [records[i]["answer"] for i in todo], cfg, progress)
+                                      [records[i]["answer"] for i in todo], cfg, progress, counter)
                 cache.put_many([(keys[i], {"tokens": s.tokens, "from_naive": s.from_naive, "stop_token": s.stop_token,
                                            "accepted": ok, "attempts": n}) for i, (s, ok, n) in zip(todo, fresh)])
         stats.seconds = timer.seconds
@@ -137,7 +142,7 @@ class MixSD(Method):
             else:
                 rejected.append(r.id)
         flags = [f for res in results if res["accepted"] for f in res["from_naive"]]
-        stats.new_tokens = sum(len(results[i]["tokens"]) for i in todo)
+        stats.new_tokens = counter["new_tokens"]  # over every attempt
         stats.extra = {
             "settings": settings,
             "acceptance_rate": round(sum(res["accepted"] for res in results) / len(results), 4),
