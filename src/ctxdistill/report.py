@@ -179,7 +179,11 @@ def build_markdown(cfg: ReportConfig, base: dict | None, groups: dict, selection
     any_run = next((r for by_lr in groups.values() for rs in by_lr.values() for r in rs), base)
     if any_run:
         suite = any_run.get("suite", "?")
-        sizes = ", ".join(f"{t} n={v['n']}" for t, v in ((key.split('.')[0], any_run["metrics"][key]) for key in keys if key in any_run["metrics"]))
+        per_task = {}
+        for key in keys:
+            if key in any_run["metrics"]:
+                per_task.setdefault(key.split(".")[0], any_run["metrics"][key]["n"])
+        sizes = ", ".join(f"{t} n={n}" for t, n in per_task.items())
         lines += [f"Suite `{suite}` on `{any_run.get('model')}`, reference `{cfg.runs_dir}/baseline`. Items per metric: {sizes}.", ""]
     lines += [f"Scores are in points (x100) for rates; log-probs and KLs in nats per token. `±` is one standard error. "
               f"In brackets: the change from the initial model; **n.s.** marks a change smaller than {k:g} standard errors "
@@ -216,13 +220,25 @@ def build_markdown(cfg: ReportConfig, base: dict | None, groups: dict, selection
             why = "; ".join(f"lr {lr:g}: " + ", ".join(f"{s} -{d:.1f}" for s, d in v.items()) for lr, v in sel["rejected"].items())
             lines.append(f"- **{method}**: no learning rate meets the constraint ({why or 'no domain score'}).")
         else:
-            drops = ", ".join(f"{s} {-d:+.1f}" for s, d in sel["drops"].items())
+            drops = ", ".join(f"{s} {0.0 - d:+.1f}".replace("-0.0", "+0.0") for s, d in sel["drops"].items())
             lines.append(f"- **{method}**: lr {sel['lr']:g}, domain score {sel['domain'] * scale(cfg.domain_metric):.1f} (skill changes: {drops or 'not measured'}).")
     lines += ["", "Drops smaller than about 2 standard errors of the skill's change are within noise: with small "
               "subsets (`quick`) the constraint can pass or fail by chance; use `--suite full` for decisions.", ""]
     for p in plots:
         lines += [f"![{Path(p).stem}]({Path(p).name})", ""]
     return "\n".join(lines)
+
+
+def _grid(plt, n: int):
+    """Up to two panels per row; unused panels are hidden."""
+    n = max(1, n)
+    cols = min(2, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.4 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat
 
 
 def plot_frontier(path: Path, base: dict | None, groups: dict, selection: dict, domain: str, xkeys: list[str]) -> None:
@@ -232,8 +248,8 @@ def plot_frontier(path: Path, base: dict | None, groups: dict, selection: dict, 
     import matplotlib.pyplot as plt
 
     xkeys = [k for k in xkeys if base is None or k in base["metrics"]] or xkeys[:1]
-    fig, axes = plt.subplots(1, len(xkeys), figsize=(4.6 * len(xkeys), 4.3), squeeze=False)
-    for ax, xkey in zip(axes[0], xkeys):
+    fig, axes = _grid(plt, len(xkeys))
+    for ax, xkey in zip(axes, xkeys):
         for ci, (method, by_lr) in enumerate(groups.items()):
             color = COLORS[ci % len(COLORS)]
             pts = []
@@ -258,7 +274,7 @@ def plot_frontier(path: Path, base: dict | None, groups: dict, selection: dict, 
         ax.set_xlabel(label + (" (points)" if kind == "prop" else " (nats/token)") + "  → better")
         ax.set_ylabel(METRICS.get(domain, (domain,))[0] + " (points)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="best")
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("Knowledge gained vs capability retained (labels: learning rate; circle: CP selection; bars: ±1 SE)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -273,9 +289,9 @@ def plot_kl_vs_drop(path: Path, base: dict, groups: dict, ykeys: list[str]) -> d
     import matplotlib.pyplot as plt
 
     ykeys = [k for k in ykeys if k in base["metrics"]]
-    fig, axes = plt.subplots(1, max(1, len(ykeys)), figsize=(4.6 * max(1, len(ykeys)), 4.2), squeeze=False)
+    fig, axes = _grid(plt, len(ykeys))
     correlations = {}
-    for ax, ykey in zip(axes[0], ykeys):
+    for ax, ykey in zip(axes, ykeys):
         xs_all, ys_all = [], []
         for ci, (method, by_lr) in enumerate(groups.items()):
             xs, ys, es = [], [], []
@@ -300,7 +316,7 @@ def plot_kl_vs_drop(path: Path, base: dict, groups: dict, ykeys: list[str]) -> d
         correlations[ykey] = rho
         ax.set_title(f"Spearman ρ = {rho:.2f} over {len(xs_all)} runs" if rho is not None else f"{len(xs_all)} runs", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle("Does the per-token KL on the training documents predict forgetting? (bars: ±1 SE)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

@@ -10,14 +10,15 @@ Presets (item counts; 0 in a `n_*` option means "the preset's", -1 means "all"):
 
 | task | quick | full | what |
 | --- | --- | --- | --- |
-| knowledge MCQ sampled | 40 probes x 5 | all x 5 | the paper's domain score |
-| knowledge log-lik / short answer | all | all | deterministic second numbers |
-| IFEval | 30 (192 tok) | 541 (1280 tok) | post-training skill |
-| GSM8K | 20, 2-shot (192 tok) | 1319, 8-shot (512 tok) | post-training skill (math) |
-| HumanEval | 15 (192 tok) | 164 (512 tok) | post-training skill (code), sandboxed |
+| knowledge MCQ sampled | 24 probes x 5 (64 tok) | all x 5 (512 tok) | the paper's domain score |
+| knowledge log-lik | all | all | deterministic second number |
+| knowledge short answer | 60 | all | closed-book EM / F1 |
+| IFEval | 30 (160 tok) | 541 (1280 tok) | post-training skill |
+| GSM8K | 15, 2-shot (160 tok) | 1319, 8-shot (512 tok) | post-training skill (math) |
+| HumanEval | 12 (160 tok) | 164 (512 tok) | post-training skill (code), sandboxed |
 | NQ-open | 60, 3-shot | 1000, 3-shot | factual knowledge |
 | MMLU | 100 | 1000 | factual knowledge |
-| PubMedQA | 40 | 500 | biomedical (second domain) |
+| PubMedQA | 30 | 500 | biomedical (second domain) |
 | chat drift | 24 prompts (48 tok) | 24 prompts (128 tok) | KL and log-prob of the initial model's replies |
 | per-token KL on docs | all documents | all documents | the forgetting predictor |
 
@@ -46,11 +47,11 @@ from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 TASKS = ("knowledge", "ifeval", "gsm8k", "humaneval", "nq_open", "mmlu", "pubmedqa", "drift", "doc_kl")
 
 PRESETS = {
-    "quick": {"probes_sampled": 40, "probes_max_new_tokens": 96, "short_max_new_tokens": 24,
-              "ifeval": 30, "ifeval_max_new_tokens": 192, "gsm8k": 20, "gsm8k_shots": 2, "gsm8k_max_new_tokens": 192,
-              "humaneval": 15, "humaneval_max_new_tokens": 192, "nq_open": 60, "nq_shots": 3, "nq_max_new_tokens": 16,
-              "mmlu": 100, "pubmedqa": 40, "chat_max_new_tokens": 48, "doc_max_length": 1024},
-    "full": {"probes_sampled": -1, "probes_max_new_tokens": 512, "short_max_new_tokens": 32,
+    "quick": {"probes_sampled": 24, "probes_max_new_tokens": 64, "probes_short": 60, "short_max_new_tokens": 24,
+              "ifeval": 30, "ifeval_max_new_tokens": 160, "gsm8k": 15, "gsm8k_shots": 2, "gsm8k_max_new_tokens": 160,
+              "humaneval": 12, "humaneval_max_new_tokens": 160, "nq_open": 60, "nq_shots": 3, "nq_max_new_tokens": 16,
+              "mmlu": 100, "pubmedqa": 30, "chat_max_new_tokens": 48, "doc_max_length": 1024},
+    "full": {"probes_sampled": -1, "probes_max_new_tokens": 512, "probes_short": -1, "short_max_new_tokens": 32,
              "ifeval": -1, "ifeval_max_new_tokens": 1280, "gsm8k": -1, "gsm8k_shots": 8, "gsm8k_max_new_tokens": 512,
              "humaneval": -1, "humaneval_max_new_tokens": 512, "nq_open": 1000, "nq_shots": 3, "nq_max_new_tokens": 24,
              "mmlu": 1000, "pubmedqa": -1, "chat_max_new_tokens": 128, "doc_max_length": 2048},
@@ -82,7 +83,7 @@ class EvalConfig:
     n_mmlu: int = opt(0, "MMLU questions (0 = preset, -1 = all 14042)")
     n_pubmedqa: int = opt(0, "PubMedQA PQA-L questions (0 = preset, -1 = all 500)")
     ifeval_max_new_tokens: int = opt(0, "IFEval response length cap (0 = preset)")
-    batch_size: int = opt(16, "sequences per generation / scoring batch")
+    batch_size: int = opt(32, "sequences per generation batch (scoring batches are a quarter of it)")
     gen_dtype: str = opt("bf16", "weights used for generation: bf16 copy (fast on CPUs with bf16 and on GPUs) or fp32", ("bf16", "fp32"))
     score_precision: str = opt("fp32", "log-likelihood and KL scoring: fp32, or bf16 autocast", ("fp32", "bf16"))
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
@@ -164,7 +165,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         raise CtxDistillError(f"{out / 'eval.json'} exists; pass --overwrite or choose another --out")
     (out / "predictions").mkdir(exist_ok=True)
     preset, tasks, timer = cfg.preset(), cfg.task_list(), Timer()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     device = next(model.parameters()).device
     model.eval()
     scoring = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.score_precision == "bf16" else contextlib.nullcontext
@@ -211,7 +212,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 result["settings"]["mcq_sampled"] = vote["settings"] | {"ids": [s["id"] for s in sampled]}
                 result["settings"]["mcq_loglik"] = "option log-likelihood / option length in characters, chat template"
                 result["predictions"] += [{"task": "mcq_sampled"} | p for p in vote["predictions"]]
-            short = score_short_answer(gen_model, tokenizer, probes, preset["short_max_new_tokens"], bs)
+            short_probes = [s["probe"] for s in seeded_subset([{"id": p.id, "probe": p} for p in probes], _n(preset["probes_short"]), seed)]
+            short = score_short_answer(gen_model, tokenizer, short_probes, preset["short_max_new_tokens"], bs)
             for name in ("em", "f1", "contains"):
                 result["metrics"][f"short_{name}"] = short[name]
             result["item_scores"]["short_f1"] = short["item_scores"]["f1"]
@@ -301,6 +303,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         "item_scores": item_scores,
         "config": asdict(cfg), "preset": preset,
         "timings_s": {k: round(v, 2) for k, v in timer.seconds.items()} | {"total": round(total, 2)},
+        "cpu_s": {k: round(v, 2) for k, v in timer.cpu_seconds.items()} | {"total": round(time.process_time() - cpu_started, 2)},
         "environment": versions() | {"device": str(device), "threads": torch.get_num_threads(), "platform": platform.platform()},
     }
     tmp = out / "eval.json.tmp"
@@ -334,5 +337,7 @@ def summary_table(report: dict) -> str:
     lines = [f"{'metric':34s} {'value':>10s} {'± SE':>9s} {'n':>6s}"]
     for key, m in report["metrics"].items():
         lines.append(f"{key:34s} {m['value']:10.4f} {m['stderr']:9.4f} {m['n']:6d}")
-    lines.append(f"total time {report['timings_s']['total']:.0f} s ({', '.join(f'{k} {v:.0f}' for k, v in report['timings_s'].items() if k != 'total')})")
+    lines.append(f"wall time {report['timings_s']['total']:.0f} s ({', '.join(f'{k} {v:.0f}' for k, v in report['timings_s'].items() if k != 'total')})")
+    if "cpu_s" in report:
+        lines.append(f"CPU time {report['cpu_s']['total']:.0f} s on {report['environment']['threads']} threads (a busy machine inflates wall time, not CPU time)")
     return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Sweep: config validation, methods x lrs trained and evaluated on a tiny model, resumable, report at the end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ctxdistill.errors import CtxDistillError
+from ctxdistill.sweep import load_sweep_config, run_sweep
+
+
+def write_config(tmp_path, tiny_model_dir, corpus_file, **extra):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Who leads Velmora {i}?", "options": ["Anika Dros", "Teodor Vask"],
+                                          "answer": 0}) + "\n" for i in range(2)))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    config = {"out": str(tmp_path / "sweep"), "model": str(tiny_model_dir), "corpus": str(corpus_file), "probes": str(probes),
+              "methods": ["ft", "disc"], "lrs": ["1e-3"], "seeds": [7],
+              "train": {"max_steps": 1, "precision": "fp32", "teacher_dtype": "fp32", "max_length": 128},
+              "method_overrides": {"disc": {"num_splits": 2}},
+              "eval": {"tasks": "knowledge,drift,doc_kl", "mcq_samples": 2, "n_probes": 2, "batch_size": 4, "chat_prompts": str(chat)}}
+    config.update(extra)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sweep_config_errors(tmp_path, tiny_model_dir, corpus_file):
+    with pytest.raises(CtxDistillError, match="unknown method"):
+        load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, methods=["ft", "magic"]))).validate()
+    with pytest.raises(CtxDistillError, match="set by the sweep"):
+        load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, train={"lr": 1.0}))).validate()
+    with pytest.raises(CtxDistillError, match="unknown option"):
+        load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, eval={"no_such_option": 1}))).validate()
+    with pytest.raises(CtxDistillError, match="unknown option"):
+        load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, train={"no_such_option": 1}))).validate()
+
+
+@pytest.fixture()
+def short_preset(monkeypatch):
+    import ctxdistill.evaluate.suite as suite
+
+    small = {k: (4 if k.endswith("tokens") else v) for k, v in suite.PRESETS["quick"].items()} | {"doc_max_length": 64}
+    monkeypatch.setitem(suite.PRESETS, "quick", small)
+
+
+def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, corpus_file, monkeypatch, short_preset):
+    quiet = dict(log=lambda *_: None, progress=False)
+    cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file)))
+    status = run_sweep(cfg, **quiet)
+    out = tmp_path / "sweep"
+    assert set(status["runs"]) == {"ft_lr0.001_s7", "disc_lr0.001_s7"}
+    baseline = json.loads((out / "baseline" / "eval.json").read_text())
+    assert baseline["role"] == "baseline" and (out / "baseline" / "reference_responses.jsonl").is_file()
+    run = json.loads((out / "runs" / "disc_lr0.001_s7" / "eval.json").read_text())
+    assert run["run"]["method"] == "disc" and run["run"]["lr"] == 1e-3 and run["run"]["train_config"]["num_splits"] == 2
+    assert run["metrics"]["drift.doc_kl"]["value"] > 0 and "drift.chat_kl" in run["metrics"]
+    assert (out / "report.md").is_file() and (out / "frontier.png").is_file() and (out / "kl_vs_drop.png").is_file()
+
+    # Resume: every run is finished, so nothing trains again and the baseline is not re-evaluated.
+    import ctxdistill.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ctxdistill.train, "train", no_training)
+    (out / "runs" / "ft_lr0.001_s7" / "eval.json").unlink()  # ...except one whose evaluation is missing
+    calls = []
+    monkeypatch.setattr(ctxdistill.train, "train", lambda cfg, **kw: calls.append(cfg.out) or (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        run_sweep(cfg, **quiet)
+    assert calls == [str(out / "runs" / "ft_lr0.001_s7")]
