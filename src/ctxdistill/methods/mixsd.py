@@ -12,8 +12,8 @@ student is then fine-tuned (SFT) on (question, accepted target), with the loss o
 only. The acceptance rate and the share of naive tokens are logged and written to run.json, the
 targets to OUT/generations.jsonl.
 
-The authors' training recipe (lr 1e-5, AdamW betas (0.9, 0.95), grad-clip 1.0) maps to
-`--lr 1e-5 --beta2 0.95 --grad-clip 1.0`; their 20-step warm-up is not in the shared loop.
+The authors' training recipe (lr 1e-5, AdamW betas (0.9, 0.95), grad-clip 1.0, global batch 16) maps to
+`--lr 1e-5 --beta2 0.95 --grad-clip 1.0 --docs-per-step 16`; their 20-step warm-up is not in the shared loop.
 """
 
 from __future__ import annotations

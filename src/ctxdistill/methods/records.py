@@ -37,6 +37,7 @@ def load_checked_records(
     input_format: str = "",
     example: str = "",
     id_field: str = "id",
+    option: str = "corpus",
 ) -> tuple[list[Record], CorpusReport]:
     """Records with every required field (a string, or a list of strings), in file order.
 
@@ -46,7 +47,7 @@ def load_checked_records(
     optional = optional or {}
     report = CorpusReport()
     records: list[Record] = []
-    hint = f"; for an example run --corpus {example}" if example else ""
+    hint = f"; for an example pass --{option.replace('_', '-')} {example}" if example and example not in input_format else ""
     for where, raw in load_records(spec):
         report.read += 1
         if raw is None:

@@ -73,7 +73,8 @@ class Replay(Method):
     def load(self, cfg):
         documents, report = self.base.load(cfg)
         records, _ = load_checked_records(cfg.replay_source, "replay (replay_source)", {"prompt": "str", "response": "str"},
-                                          input_format="JSONL records with `prompt` and `response`", example="bundled:gsm8k_train")
+                                          input_format="JSONL records with `prompt` and `response`", example="bundled:gsm8k_train",
+                                          option="replay_source")
         self.replay_records = draw_replay(records, cfg.replay_n, cfg.seed)
         return documents, report
 
