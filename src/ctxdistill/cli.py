@@ -28,7 +28,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = field_type(cls, f)
-        help_text = f"{f.metadata.get('help', '')} (default: {getattr(instance, f.name)!r})"
+        help_text = f"{f.metadata.get('help', '')} (default: {getattr(instance, f.name)!r})".replace("%", "%%")
         choices = f.metadata.get("choices")
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)

@@ -60,10 +60,13 @@ class TrainConfig:
     min_suffix_tokens: int = opt(2, "suffixes shorter than this are dropped")
     teacher_mode: str = opt("single_pass", "single_pass: one teacher forward per document; per_split: the authors' reference (one per split point)", ("single_pass", "per_split"))
     kl_chunk_size: int = opt(1024, "compute LM head + KL in chunks of this many positions (0 = dense); identical gradient, memory flat in document length")
+    teacher_cache: str = opt("", "read the teacher's top-k distributions from this cache (built by `ctxdistill cache-teacher`) instead of running a teacher")
     max_length: int = opt(2048, "longest sequence the model sees; longer documents are cut at sentence boundaries into windows")
     # precision and devices
     precision: str = opt("bf16", "bf16: fp32 master weights with bf16 autocast; fp32: no autocast", ("bf16", "fp32"))
     teacher_dtype: str = opt("bf16", "dtype of the frozen teacher copy (full fine-tuning only)", ("bf16", "fp32"))
+    gradient_checkpointing: bool = opt(False, "recompute layer activations in the backward pass: less memory, ~30% more compute")
+    compile: bool = opt(False, "torch.compile the student (dynamic shapes); measure before relying on it, see docs/performance.md")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     # student
     student: str = opt("auto", "full fine-tuning or a LoRA adapter (the teacher is then the adapter-disabled model); auto: the method's default (lora for lora and icl_distill, full otherwise)", ("auto", "full", "lora"))
@@ -168,6 +171,8 @@ class TrainConfig:
             missing = [k for k in keys if k not in getattr(self, name)]
             if missing:
                 raise CtxDistillError(f"{name} must contain {' and '.join(missing)}")
+        if self.teacher_cache and self.method != "disc":
+            raise CtxDistillError(f"teacher_cache holds DiSC teacher distributions; it cannot serve method {self.method!r} (drop --teacher-cache)")
         if not (0 <= self.lora_dropout < 1):
             raise CtxDistillError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         return self
