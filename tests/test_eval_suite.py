@@ -197,3 +197,21 @@ def test_evaluate_model_writes_every_metric(tiny_model, tokenizer, eval_data_dir
     assert saved["metrics"] == json.loads(json.dumps(report["metrics"]))
     assert (tmp_path / "eval" / "reference_responses.jsonl").is_file() and (tmp_path / "eval" / "predictions" / "humaneval.jsonl").is_file()
     assert "ifeval.inst_strict" in summary_table(report)
+
+
+def test_eval_cli_reports_bad_options_in_one_line(capsys):
+    from ctxdistill.cli import main
+
+    assert main(["eval", "--corpus", "bundled:news_updates", "--out", "/tmp/unused"]) == 2
+    assert "needs --reference" in capsys.readouterr().err
+    assert main(["eval", "--tasks", "ifeval,chess"]) == 2
+    assert "unknown task(s) chess" in capsys.readouterr().err
+
+
+def test_lm_eval_bridge_is_optional(monkeypatch):
+    from ctxdistill.errors import CtxDistillError
+    from ctxdistill.evaluate import lm_eval_bridge
+
+    monkeypatch.setattr(lm_eval_bridge, "lm_eval_available", lambda: False)
+    with pytest.raises(CtxDistillError, match="pip install lm-eval"):
+        lm_eval_bridge.run_lm_eval(None, None, ["ifeval"])

@@ -11,7 +11,7 @@ Presets (item counts; 0 in a `n_*` option means "the preset's", -1 means "all"):
 | task | quick | full | what |
 | --- | --- | --- | --- |
 | knowledge MCQ sampled | 24 probes x 5 (64 tok) | all x 5 (512 tok) | the paper's domain score |
-| knowledge log-lik | all | all | deterministic second number |
+| knowledge log-lik | 60 | all | deterministic second number |
 | knowledge short answer | 60 | all | closed-book EM / F1 |
 | IFEval | 30 (160 tok) | 541 (1280 tok) | post-training skill |
 | GSM8K | 15, 2-shot (160 tok) | 1319, 8-shot (512 tok) | post-training skill (math) |
@@ -21,6 +21,8 @@ Presets (item counts; 0 in a `n_*` option means "the preset's", -1 means "all"):
 | PubMedQA | 30 | 500 | biomedical (second domain) |
 | chat drift | 24 prompts (48 tok) | 24 prompts (128 tok) | KL and log-prob of the initial model's replies |
 | per-token KL on docs | all documents | all documents | the forgetting predictor |
+
+Log-likelihood and KL scoring run under bf16 autocast in `quick` and in fp32 in `full` (`--score-precision`).
 
 `full` is sized to detect a 5-point drop on each skill at about 2 standard errors (e.g. all 541
 IFEval prompts); `quick` runs the whole suite on SmolLM2-135M on 2 CPU cores in under 10 minutes,
@@ -47,11 +49,11 @@ from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 TASKS = ("knowledge", "ifeval", "gsm8k", "humaneval", "nq_open", "mmlu", "pubmedqa", "drift", "doc_kl")
 
 PRESETS = {
-    "quick": {"probes_sampled": 24, "probes_max_new_tokens": 64, "probes_short": 60, "short_max_new_tokens": 24,
+    "quick": {"probes_sampled": 24, "probes_max_new_tokens": 64, "probes_loglik": 60, "probes_short": 60, "score_precision": "bf16", "short_max_new_tokens": 24,
               "ifeval": 30, "ifeval_max_new_tokens": 160, "gsm8k": 15, "gsm8k_shots": 2, "gsm8k_max_new_tokens": 160,
               "humaneval": 12, "humaneval_max_new_tokens": 160, "nq_open": 60, "nq_shots": 3, "nq_max_new_tokens": 16,
               "mmlu": 100, "pubmedqa": 30, "chat_max_new_tokens": 48, "doc_max_length": 1024},
-    "full": {"probes_sampled": -1, "probes_max_new_tokens": 512, "probes_short": -1, "short_max_new_tokens": 32,
+    "full": {"probes_sampled": -1, "probes_max_new_tokens": 512, "probes_loglik": -1, "probes_short": -1, "score_precision": "fp32", "short_max_new_tokens": 32,
              "ifeval": -1, "ifeval_max_new_tokens": 1280, "gsm8k": -1, "gsm8k_shots": 8, "gsm8k_max_new_tokens": 512,
              "humaneval": -1, "humaneval_max_new_tokens": 512, "nq_open": 1000, "nq_shots": 3, "nq_max_new_tokens": 24,
              "mmlu": 1000, "pubmedqa": -1, "chat_max_new_tokens": 128, "doc_max_length": 2048},
@@ -85,7 +87,7 @@ class EvalConfig:
     ifeval_max_new_tokens: int = opt(0, "IFEval response length cap (0 = preset)")
     batch_size: int = opt(32, "sequences per generation batch (scoring batches are a quarter of it)")
     gen_dtype: str = opt("bf16", "weights used for generation: bf16 copy (fast on CPUs with bf16 and on GPUs) or fp32", ("bf16", "fp32"))
-    score_precision: str = opt("fp32", "log-likelihood and KL scoring: fp32, or bf16 autocast", ("fp32", "bf16"))
+    score_precision: str = opt("auto", "log-likelihood and KL scoring: fp32, bf16 autocast, or auto (quick: bf16, full: fp32)", ("auto", "fp32", "bf16"))
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     sandbox_workers: int = opt(2, "HumanEval programs run at the same time")
     sandbox_timeout: float = opt(10.0, "wall-clock seconds per HumanEval program")
@@ -168,7 +170,9 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
     started, cpu_started = time.perf_counter(), time.process_time()
     device = next(model.parameters()).device
     model.eval()
-    scoring = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.score_precision == "bf16" else contextlib.nullcontext
+    precision = preset["score_precision"] if cfg.score_precision == "auto" else cfg.score_precision
+    preset["score_precision"] = precision
+    scoring = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     with timer("prepare"):
         gen_model = generation_model(model, cfg.gen_dtype)
     metrics, task_results, item_scores = {}, {}, {}
@@ -195,8 +199,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             from .data import seeded_subset
 
             probes = load_probes(cfg.probes)
-            mcq = [p for p in probes if p.is_mcq]
-            sampled = seeded_subset([{"id": p.id, "probe": p} for p in mcq], _n(preset["probes_sampled"]), seed)
+            mcq = [s["probe"] for s in seeded_subset([{"id": p.id, "probe": p} for p in probes if p.is_mcq], _n(preset["probes_loglik"]), seed)]
+            sampled = seeded_subset([{"id": p.id, "probe": p} for p in probes if p.is_mcq], _n(preset["probes_sampled"]), seed)
             result = {"metrics": {}, "item_scores": {}, "settings": {"probes": cfg.probes, "n_probes": len(probes)}, "predictions": []}
             if mcq:
                 with scoring():
