@@ -306,3 +306,16 @@ def test_non_finite_steps_can_be_skipped_and_are_counted(tiny_model_dir, corpus4
     assert run["counts"]["skipped_steps"] == 1 and run["counts"]["optimizer_steps"] == 2 and run["counts"]["steps"] == 3
     assert run["nonfinite_skipped"][0]["documents"] == ["doc-1"]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_resume_with_a_teacher_cache_checks_the_cache_against_the_initial_weights(tiny_model_dir, corpus4, tmp_path):
+    """Full fine-tuning changes every weight; the cache must still be matched to the initial model on resume."""
+    from ctxdistill.teacher_cache import cache_teacher
+
+    values = settings(tiny_model_dir, corpus4, max_steps=2, checkpoint_every=1)
+    cache_teacher(TrainConfig(**values), str(tmp_path / "cache"), k=8, progress=False, log=quiet)
+    values["teacher_cache"] = str(tmp_path / "cache")
+    with pytest.raises(TrainingInterrupted):
+        _interrupt_after_first_step(values, tmp_path / "run")
+    result = train(TrainConfig(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
+    assert result.summary["resumed_from"]["step"] == 1 and result.summary["counts"]["steps"] == 2

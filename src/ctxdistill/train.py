@@ -286,7 +286,8 @@ def create_runtime(cfg: TrainConfig, micro_steps: int) -> Runtime:
 class StopSignals:
     """SIGTERM/SIGINT set a flag that the loop checks after each step (then checkpoints and stops).
 
-    A second signal while the first is being handled interrupts at once, as usual.
+    A second SIGINT (Ctrl-C twice) interrupts at once. Other repeats are ignored: launchers such as
+    torchrun forward a SIGTERM to workers that already got the terminal's SIGINT.
     """
 
     def __init__(self):
@@ -300,10 +301,11 @@ class StopSignals:
         return self
 
     def handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is None:
+            self.received = signum
+        elif signum == signal.SIGINT and self.received == signal.SIGINT:
             self.__exit__()
             raise KeyboardInterrupt
-        self.received = signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -427,16 +429,13 @@ def _train(cfg, method, rt: Runtime, documents, corpus_report, tokenizer, out_di
 
     names = {id(p): n for n, p in student.named_parameters()}
     trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
+    # the teacher first: a teacher cache is checked against the INITIAL weights, before a checkpoint replaces them
+    teacher = build_teacher(cfg, student, device, prepared.examples) if method.needs_teacher else None
     state = Progress()
     if resumed is not None:
         state = restore_progress(resumed, fingerprints, resume_from)
         load_trainable(student, resumed.trainable, trainable_names, resume_from)
         say(f"resuming from {resume_from} (step {state.step} of {total_steps})")
-
-    if method.needs_teacher:
-        teacher = build_teacher(cfg, student, device, prepared.examples)
-    else:
-        teacher = None
     load_seconds = time.perf_counter() - started - generate_seconds
 
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -692,28 +691,25 @@ class Loop:
         engine_scale = rt.world if rt.sharded else 1  # FSDP and DeepSpeed average gradients over processes
         if rt.mode == "deepspeed":
             engine_scale *= len(slots)  # DeepSpeed also divides by its accumulation steps
-        for j, slot in enumerate(slots):
+        token_mode = cfg.loss_normalization == "token"
+        for slot in slots:  # this process's share of the global batch, one item per forward/backward
             item = group[slot if slot is not None else 0]
-            with self.accumulate(), autocast(rt.device, cfg.precision):
-                loss, stats = self.method.loss(self.student, self.teacher, item, cfg, self.pad_id, rt.device)
-            if slot is None:
-                weight = 0.0
-            elif cfg.loss_normalization == "token":
-                weight = float(stats["student_tokens"])  # divided by the global count once it is known
-            else:
-                weight = 1.0 / len(group)
-            if slot is None:
-                self.backward(loss * 0.0)  # padding: same forward passes as the other processes, no contribution
-            elif cfg.loss_normalization == "token":
-                self.backward(loss * (weight * engine_scale))
-            else:
-                self.backward(loss / (len(group) / engine_scale))
+            with self.accumulate():
+                with autocast(rt.device, cfg.precision):
+                    loss, stats = self.method.loss(self.student, self.teacher, item, cfg, self.pad_id, rt.device)
+                if slot is None:
+                    self.backward(loss * 0.0)  # padding: the same forward passes as the other processes, no contribution
+                elif token_mode:  # weighted by its tokens; divided by the global token count once it is known
+                    self.backward(loss * (stats["student_tokens"] * engine_scale))
+                else:
+                    self.backward(loss / (len(group) / engine_scale))
             if slot is not None:
                 value = loss.item()
                 if not math.isfinite(value):
                     info[5 + slot] = 1
-                info[0] += value * (weight if cfg.loss_normalization == "token" else 1.0)
-                info[1] += weight if cfg.loss_normalization == "token" else 1.0
+                weight = float(stats["student_tokens"]) if token_mode else 1.0
+                info[0] += value * weight
+                info[1] += weight
                 info[2] += stats["student_tokens"]
                 info[3] += stats["teacher_tokens"]
         if self.signals is not None and self.signals.received is not None:
