@@ -171,17 +171,18 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_
 
     monkeypatch.setattr(ckpt, "save_file", full_disk)
     out = tmp_path / "out"
-    code, err = run_main(capsys, *_train_args(tiny_model_dir, corpus_file, out))
+    args = _train_args(tiny_model_dir, corpus_file, out, "--max-steps", "2")
+    code, err = run_main(capsys, *args)
     assert_one_line_error(code, err, "cannot write checkpoint for step 2")
     assert "No space left on device" in err[0] and "step-00000001 is intact" in err[0] and "rerun the same command" in err[0]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"], "no temporary directory left"
     assert not (out / "model").exists() and not (out / "run.json").exists()
 
     monkeypatch.setattr(ckpt, "save_file", save_file)  # space freed: the same command resumes and finishes
-    code, err = run_main(capsys, *_train_args(tiny_model_dir, corpus_file, out))
+    code, err = run_main(capsys, *args)
     assert code == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["resumed_from"]["step"] == 1 and run["counts"]["steps"] == 3
+    assert run["resumed_from"]["step"] == 1 and run["counts"]["steps"] == 2
 
 
 def test_disk_full_while_saving_the_model_keeps_the_checkpoints(tiny_model_dir, corpus_file, tmp_path, capsys, monkeypatch):

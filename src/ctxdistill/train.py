@@ -442,7 +442,7 @@ def _train(cfg, method, rt: Runtime, documents, corpus_report, tokenizer, out_di
     # The fused AdamW kernel is ~5x faster than the foreach one on CPU for a 135M model, where the
     # optimizer step otherwise costs more than the forward+backward of a short document.
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
+                                  fused=device.type in ("cpu", "cuda") and not rt.sharded)
     raw_optimizer = optimizer
     unwrapped = student
     if rt.sharded:
