@@ -59,6 +59,7 @@ class TrainConfig:
     suffix_tokens: int = opt(0, "suffix length for token_random_variable_suffix (0 = to the document end)")
     min_suffix_tokens: int = opt(2, "suffixes shorter than this are dropped")
     teacher_mode: str = opt("single_pass", "single_pass: one teacher forward per document; per_split: the authors' reference (one per split point)", ("single_pass", "per_split"))
+    batch_tokens: int = opt(4096, "with docs_per_step > 1, pack up to this many tokens of several documents into one DiSC forward pass (0 = one document per pass); the loss is unchanged")
     kl_chunk_size: int = opt(1024, "compute LM head + KL in chunks of this many positions (0 = dense); identical gradient, memory flat in document length")
     teacher_cache: str = opt("", "read the teacher's top-k distributions from this cache (built by `ctxdistill cache-teacher`) instead of running a teacher")
     max_length: int = opt(2048, "longest sequence the model sees; longer documents are cut at sentence boundaries into windows")
@@ -148,7 +149,7 @@ class TrainConfig:
                 raise CtxDistillError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.keep_checkpoints < 1:
             raise CtxDistillError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints!r}")
-        for name in ("max_steps", "grad_clip", "weight_decay", "suffix_tokens", "min_chars", "checkpoint_every"):
+        for name in ("max_steps", "grad_clip", "weight_decay", "suffix_tokens", "min_chars", "checkpoint_every", "batch_tokens", "kl_chunk_size"):
             if not getattr(self, name) >= 0:
                 raise CtxDistillError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("gen_batch_size", "rephrase_max_new_tokens", "cd_max_new_tokens", "cd_chunk", "entity_sentences", "entity_steps",

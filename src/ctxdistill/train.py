@@ -692,22 +692,29 @@ class Loop:
         if rt.mode == "deepspeed":
             engine_scale *= len(slots)  # DeepSpeed also divides by its accumulation steps
         token_mode = cfg.loss_normalization == "token"
-        for slot in slots:  # this process's share of the global batch, one item per forward/backward
-            item = group[slot if slot is not None else 0]
-            with self.accumulate():
+        for unit in self.forward_units(group, slots):  # this process's share of the global batch
+            if len(unit) == 1:  # one item per forward/backward
+                slot = unit[0]
+                item = group[slot if slot is not None else 0]
+                with self.accumulate():
+                    with autocast(rt.device, cfg.precision):
+                        loss, stats = self.method.loss(self.student, self.teacher, item, cfg, self.pad_id, rt.device)
+                    if slot is None:
+                        self.backward(loss * 0.0)  # padding: the same forward passes as the other processes, no contribution
+                    elif token_mode:  # weighted by its tokens; divided by the global token count once it is known
+                        self.backward(loss * (stats["student_tokens"] * engine_scale))
+                    else:
+                        self.backward(loss / (len(group) / engine_scale))
+            else:  # several documents in one forward pass: the loss is their mean (see Disc.batch_loss)
                 with autocast(rt.device, cfg.precision):
-                    loss, stats = self.method.loss(self.student, self.teacher, item, cfg, self.pad_id, rt.device)
-                if slot is None:
-                    self.backward(loss * 0.0)  # padding: the same forward passes as the other processes, no contribution
-                elif token_mode:  # weighted by its tokens; divided by the global token count once it is known
-                    self.backward(loss * (stats["student_tokens"] * engine_scale))
-                else:
-                    self.backward(loss / (len(group) / engine_scale))
-            if slot is not None:
+                    loss, stats = self.method.batch_loss(self.student, self.teacher, [group[i] for i in unit], cfg, self.pad_id, rt.device)
+                self.backward(loss * (len(unit) / len(group)))
+            if unit[0] is not None:
                 value = loss.item()
                 if not math.isfinite(value):
-                    info[5 + slot] = 1
-                weight = float(stats["student_tokens"]) if token_mode else 1.0
+                    for slot in unit:
+                        info[5 + slot] = 1
+                weight = float(stats["student_tokens"]) if token_mode else float(len(unit))
                 info[0] += value * weight
                 info[1] += weight
                 info[2] += stats["student_tokens"]
@@ -753,6 +760,29 @@ class Loop:
         state.counts["student_tokens"] += int(info[2].item())
         state.counts["teacher_tokens"] += int(info[3].item())
         return record
+
+    def forward_units(self, group: list, slots: list[int | None]) -> list[list[int | None]]:
+        """This process's slots, packed into forward passes of at most `batch_tokens` tokens.
+
+        Only methods with a `batch_loss` are packed, under document normalisation on data-parallel or
+        single-process runs; documents are sorted by length first so batches carry little padding.
+        Everything else runs one item per forward pass.
+        """
+        cfg = self.cfg
+        if (cfg.batch_tokens <= 0 or not hasattr(self.method, "batch_loss") or cfg.loss_normalization == "token"
+                or cfg.teacher_mode == "per_split" or self.rt.sharded or None in slots):
+            return [[slot] for slot in slots]
+        size = lambda slot: group[slot].teacher_tokens + group[slot].student_tokens
+        units: list[list[int | None]] = []
+        used = 0
+        for slot in sorted(slots, key=size):
+            if units and used + size(slot) <= cfg.batch_tokens:
+                units[-1].append(slot)
+                used += size(slot)
+            else:
+                units.append([slot])
+                used = size(slot)
+        return units
 
     def accumulate(self):
         if self.rt.mode == "deepspeed":
