@@ -6,7 +6,7 @@ import pytest
 
 from ctxdistill.evaluate.sandbox import Limits, humaneval_program, run_program, run_programs
 
-FAST = Limits(wall_seconds=3.0, cpu_seconds=2, memory_mb=512)
+FAST = Limits(wall_seconds=2.0, cpu_seconds=1, memory_mb=512)
 
 
 def test_passing_and_failing_programs():

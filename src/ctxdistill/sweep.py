@@ -48,6 +48,7 @@ class SweepConfig:
     save_models: bool = opt(False, "keep each run's trained weights in runs/<name>/model")
     report: bool = opt(True, "write report.md and the plots when the sweep ends")
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
+    threads: int = opt(0, "CPU threads for torch during training and evaluation (0 = torch's default; 1 on a busy shared CPU)")
 
     def validate(self) -> "SweepConfig":
         from .config import METHOD_NAMES
@@ -115,6 +116,8 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
     from .train import resolve_device, train
 
     cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     plan = [(m, lr, s) for m in cfg.methods for lr in cfg.lrs for s in cfg.seeds]
