@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CtxDistillError
+from .models import sha256_of
 
 CACHE_FORMAT = 1
 SHARD_POSITIONS = 1 << 16
@@ -96,7 +97,7 @@ def build_cache(teacher, examples, key: CacheKey, out_dir: str | Path, device, p
         tensors = {"ids": torch.cat([b[0] for b in buffer]), "logprobs": torch.cat([b[1] for b in buffer]),
                    "tail": torch.cat([b[2] for b in buffer])}
         save_file(tensors, tmp / name)
-        shards.append({"file": name, "bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name),
+        shards.append({"file": name, "bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name),
                        "positions": buffered, "documents": documents})
         buffer, documents, buffered = [], [], 0
 
@@ -119,14 +120,6 @@ def build_cache(teacher, examples, key: CacheKey, out_dir: str | Path, device, p
         shutil.rmtree(out)
     tmp.rename(out)
     return manifest
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TeacherCache:
@@ -161,7 +154,7 @@ class TeacherCache:
             file = path / shard["file"]
             if not file.is_file() or file.stat().st_size != shard["bytes"]:
                 raise CtxDistillError(f"teacher cache {path} is truncated or damaged ({shard['file']} missing or wrong size); rebuild it")
-            if verify_checksums and file_sha256(file) != shard["sha256"]:
+            if verify_checksums and sha256_of(file) != shard["sha256"]:
                 raise CtxDistillError(f"teacher cache {path}: checksum mismatch in {shard['file']}; rebuild it")
             with safe_open(file, framework="pt") as f:
                 tensors[shard["file"]] = {name: f.get_tensor(name) for name in ("ids", "logprobs", "tail")}
