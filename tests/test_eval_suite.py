@@ -215,3 +215,14 @@ def test_lm_eval_bridge_is_optional(monkeypatch):
     monkeypatch.setattr(lm_eval_bridge, "lm_eval_available", lambda: False)
     with pytest.raises(CtxDistillError, match="pip install lm-eval"):
         lm_eval_bridge.run_lm_eval(None, None, ["ifeval"])
+
+
+def test_document_kl_batched_equals_one_document_at_a_time(tiny_model, tokenizer):
+    from conftest import NEWS, tiny_llama
+    from ctxdistill.evaluate.drift import document_kl
+
+    other = tiny_llama(len(tokenizer), seed=1)
+    one = document_kl(tiny_model, other, tokenizer, NEWS, batch_size=1)
+    batched = document_kl(tiny_model, other, tokenizer, NEWS, batch_size=2)
+    assert batched["n_tokens"] == one["n_tokens"] and batched["value"] == pytest.approx(one["value"], rel=1e-5)
+    assert document_kl(tiny_model, tiny_model, tokenizer, NEWS)["value"] == pytest.approx(0.0, abs=1e-6)
