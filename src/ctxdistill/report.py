@@ -170,7 +170,10 @@ def fmt_delta(key: str, d: dict | None, k: float) -> str:
     s = scale(key)
     digits = 1 if s == 100 else 4 if METRICS.get(key, ("", ""))[1] == "kl" else 3
     mark = "" if significant(d, k) else " n.s."
-    return f" ({d['delta'] * s:+.{digits}f}{mark})"
+    value = d["delta"] * s
+    if abs(value) < 0.5 * 10 ** -digits:
+        value = 0.0
+    return f" ({value:+.{digits}f}{mark})"
 
 
 def build_markdown(cfg: ReportConfig, base: dict | None, groups: dict, selection: dict, keys: list[str], plots: list[str]) -> str:
@@ -184,7 +187,9 @@ def build_markdown(cfg: ReportConfig, base: dict | None, groups: dict, selection
             if key in any_run["metrics"]:
                 per_task.setdefault(key.split(".")[0], any_run["metrics"][key]["n"])
         sizes = ", ".join(f"{t} n={n}" for t, n in per_task.items())
-        lines += [f"Suite `{suite}` on `{any_run.get('model')}`, reference `{cfg.runs_dir}/baseline`. Items per metric: {sizes}.", ""]
+        model = (base or any_run).get("model")
+        lines += [f"Suite `{suite}`; initial model `{model}` (`{base['_path'] if base else 'no baseline evaluation found'}`). "
+                  f"Items per task: {sizes}.", ""]
     lines += [f"Scores are in points (x100) for rates; log-probs and KLs in nats per token. `±` is one standard error. "
               f"In brackets: the change from the initial model; **n.s.** marks a change smaller than {k:g} standard errors "
               f"(paired over the same items where possible), which this evaluation cannot tell from noise.", ""]
@@ -287,6 +292,7 @@ def plot_kl_vs_drop(path: Path, base: dict, groups: dict, ykeys: list[str]) -> d
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ykeys = [k for k in ykeys if k in base["metrics"]]
     fig, axes = _grid(plt, len(ykeys))
@@ -309,6 +315,9 @@ def plot_kl_vs_drop(path: Path, base: dict, groups: dict, ykeys: list[str]) -> d
             ys_all += ys
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("per-token KL(initial ‖ updated) on training docs (nats)")
         label, kind = METRICS.get(ykey, (ykey, "prop"))
         ax.set_ylabel(f"drop in {label}" + (" (points)" if kind == "prop" else " (nats/token)"))
