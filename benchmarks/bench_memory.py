@@ -89,7 +89,7 @@ def main() -> None:
         for mode in ("baseline", "dense", "chunked"):
             rows.append(run_child(__file__, ["--length", str(length), "--vocab", "49152", "--mode", mode, "--device", args.device]))
     vocab_rows = []
-    for vocab in map(int, args.vocabs.split(",")):
+    for vocab in (int(v) for v in args.vocabs.split(",") if v):
         for mode in ("baseline", "dense", "chunked"):
             vocab_rows.append(run_child(__file__, ["--length", str(args.vocab_length), "--vocab", str(vocab), "--mode", mode, "--device", args.device]))
 
@@ -108,7 +108,8 @@ def main() -> None:
     write_result(args.out, "memory", {"settings": {"model": "random-init SmolLM2-135M shape", "suffix_tokens": 64, "chunk": 1024,
                                                    "precision": "bf16 autocast", "device": args.device},
                                       "by_length": rows, "by_vocab": vocab_rows,
-                                      "logits_memory_mb_by_length": by_length, "logits_memory_mb_by_vocab": logits_memory(vocab_rows, "vocab"),
+                                      "logits_memory_mb_by_length": by_length,
+                                      "logits_memory_mb_by_vocab": logits_memory(vocab_rows, "vocab") if vocab_rows else {},
                                       "chunked_growth": growth})
 
 
