@@ -121,7 +121,7 @@ WRONG_SHAPE = [
     ("icl_distill", {}, "'prompt'"),
     ("mixsd", {}, "'question'"),
     ("cd_base", {"cd_mode": "entity"}, "'entity'"),
-    ("replay", {"replay_source": "WRONG"}, "'response'"),
+    ("replay", {"replay_source": "WRONG"}, "'prompt'"),
 ]
 
 
@@ -133,7 +133,7 @@ def test_wrong_shape_input_names_the_missing_field_before_any_model_loads(name, 
 
     monkeypatch.setattr("ctxdistill.train.build_student", no_model)
     if options.get("replay_source") == "WRONG":
-        options = {"replay_source": str(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "answer": "a"}]))}
+        options = {"replay_source": str(write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "response": "a"}]))}
     cfg = config(tiny_model_dir, corpus_file, tmp_path / "run", method=name, **options)
     with pytest.raises(CtxDistillError, match=field):
         train(cfg, progress=False, log=lambda *a: None)

@@ -342,9 +342,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def check_compatible(state: dict, config: dict, path: Path) -> None:
     """Refuse a resume whose settings would change the trajectory of the checkpointed run."""
+    import dataclasses
+
+    from .config import TrainConfig
+
     saved = trajectory_config(state.get("config", {}))
     now = trajectory_config(config)
-    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    # An option added after the checkpoint was written, left at its default, cannot change the trajectory.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    added = {k for k in now if k not in saved and k in defaults and now[k] == defaults[k]}
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in added]
     if changed:
         detail = ", ".join(f"{k} (checkpoint: {saved.get(k)!r}, now: {now.get(k)!r})" for k in changed[:4])
         raise CtxDistillError(f"cannot resume from {path}: settings differ: {detail}; rerun with the checkpoint's settings, "

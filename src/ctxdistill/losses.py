@@ -200,3 +200,67 @@ def topk_tail_kl_per_position(
     s_tail_logp = torch.logsumexp(s_logp.scatter(-1, teacher_topk_ids.long(), -1e4), dim=-1)
     tail_term = torch.where(t_tail > 1e-12, t_tail * (torch.log(t_tail.clamp_min(1e-30)) - s_tail_logp), torch.zeros_like(t_tail))
     return (top_term + tail_term) * temperature**2
+
+
+def context_kl_per_position(with_context_logits: torch.Tensor, alone_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(c/T) ‖ softmax(a/T)) in nats at each position, WITHOUT the T² factor: how much the context
+    changes the teacher's prediction (ctxdistill's context-sensitive DiSC variant). Logits [..., V] -> [...]."""
+    return forward_kl_per_position(with_context_logits, alone_logits, temperature) / temperature**2
+
+
+@torch.no_grad()
+def chunked_context_kl(
+    with_context_hidden: torch.Tensor,
+    alone_hidden: torch.Tensor,
+    head: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """`context_kl_per_position` from [N, H] hidden states and a [V, H] LM head, `chunk_size` positions at a
+    time, so no [N, V] tensor exists (the chunked-head path of DiSC). No gradient: it only selects positions."""
+    chunk_size = chunk_size or max(with_context_hidden.shape[0], 1)
+    parts = [context_kl_per_position(c @ head.T.to(c.dtype), a @ head.T.to(a.dtype), temperature)
+             for c, a in zip(with_context_hidden.split(chunk_size), alone_hidden.split(chunk_size))]
+    return torch.cat(parts) if parts else with_context_hidden.new_zeros(0, dtype=torch.float32)
+
+
+def context_gain_mask(context_kl: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Positions whose context KL exceeds `threshold` (nats); a negative threshold keeps them all."""
+    return context_kl > threshold
+
+
+def renormalise_within_groups(weights: torch.Tensor, keep: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """`weights` with dropped positions zeroed and each group's kept weights rescaled to the group's original total.
+
+    So a document's loss stays a weighted mean over the positions it keeps; a group that keeps nothing
+    contributes 0, and a group that keeps everything is returned bit for bit (no rescaling round-off).
+    """
+    kept = weights * keep.to(weights.dtype)
+    total = torch.zeros(num_groups, dtype=weights.dtype, device=weights.device).index_add(0, group, weights)
+    kept_total = torch.zeros_like(total).index_add(0, group, kept)
+    dropped = torch.zeros(num_groups, dtype=torch.long, device=weights.device).index_add(0, group, (~keep).long())
+    scale = torch.where(kept_total > 0, total / kept_total.clamp_min(torch.finfo(weights.dtype).tiny), torch.zeros_like(total))
+    scale = torch.where(dropped == 0, torch.ones_like(scale), scale)
+    return kept * scale[group]
+
+
+def replay_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    ce_weight: float = 1.0,
+    kl_weight: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """A replay item's loss: ce_weight · CE + kl_weight · T²·KL(initial ‖ student), both means over the labelled
+    positions (as `ft_kl_loss`). A zero weight skips its term, so `ce_weight = 0` is a pure KL retention term."""
+    loss = student_logits.new_zeros((), dtype=torch.float32)
+    if ce_weight:
+        ce = token_cross_entropy(student_logits, labels, ignore_index)
+        loss = ce if ce_weight == 1 else ce_weight * ce
+    if kl_weight:
+        keep = labels[:, 1:] != ignore_index
+        kl = forward_kl_per_position(teacher_logits[:, :-1][keep], student_logits[:, :-1][keep], temperature).mean()
+        loss = loss + kl_weight * kl if ce_weight else kl_weight * kl
+    return loss

@@ -8,6 +8,10 @@ Because attention is causal, the teacher's distributions for every split point o
 logits of ONE forward pass over the whole token sequence (`single_pass`, the default). `per_split`
 runs one teacher and one student pass per split point, as the authors' code does; a test proves the
 two agree.
+
+ctxdistill variant, not in the paper (`disc_positions context`): distil only the suffix positions where
+the prefix changes the teacher's prediction, i.e. KL(teacher with prefix ‖ teacher on the suffix alone)
+> `context_kl_threshold`; one extra teacher pass over the student's suffix batch measures it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import chunked_head_kl, disc_loss, forward_kl_per_position, topk_tail_kl_per_position
+from ..errors import CtxDistillError
+from ..losses import (chunked_context_kl, chunked_head_kl, context_gain_mask, context_kl_per_position, disc_loss,
+                      forward_kl_per_position, renormalise_within_groups, topk_tail_kl_per_position)
 from ..models import final_hidden_states, plain_lm_head
 from ..teacher_cache import TeacherCache
 from ..segment import SegmentedDoc, choose_spans, segment_document
@@ -133,6 +139,21 @@ def position_weights(items) -> torch.Tensor:
     return torch.cat(weights)
 
 
+def document_of_position(items) -> torch.Tensor:
+    """Index of the document each distilled position belongs to (the order of `position_weights`)."""
+    return torch.cat([torch.full((e - s - 1,), d) for d, item in enumerate(items) for s, e in item.spans])
+
+
+def context_weights(items, weights: torch.Tensor, context_kl: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict]:
+    """`position_weights` restricted to the context-sensitive positions, renormalised per document, and counts."""
+    keep = context_gain_mask(context_kl, threshold)
+    documents = document_of_position(items).to(weights.device)
+    weights = renormalise_within_groups(weights, keep, documents, len(items))
+    kept_per_doc = torch.zeros(len(items), dtype=torch.long, device=keep.device).index_add(0, documents, keep.long())
+    return weights, {"distilled_positions": int(keep.numel()), "kept_positions": int(keep.sum()),
+                     "documents_without_kept_positions": int((kept_per_doc == 0).sum())}
+
+
 class Disc(Method):
     name = "disc"
     needs_teacher = True
@@ -154,6 +175,8 @@ class Disc(Method):
 
     def loss(self, student, teacher, item: DiscItem, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
         if cfg.teacher_mode == "per_split":
+            if cfg.disc_positions != "all":
+                raise CtxDistillError("disc_positions context is implemented for teacher_mode single_pass only")
             return self.reference_loss(student, teacher, item, cfg, device)
         return self.batch_loss(student, teacher, [item], cfg, pad_id, device)
 
@@ -171,10 +194,19 @@ class Disc(Method):
 
     def batch_loss(self, student, teacher, items: list[DiscItem], cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
         """DiSC's loss averaged over several documents, with one student pass over all their suffixes and
-        one teacher pass over all the documents (or the teacher cache). Equal to averaging `loss` per item."""
+        one teacher pass over all the documents (or the teacher cache). Equal to averaging `loss` per item.
+
+        With `disc_positions context` a second teacher pass reads the suffix batch alone, and positions whose
+        context KL is <= `context_kl_threshold` get weight 0 (see `context_weights`)."""
         stats = {"student_tokens": sum(i.student_tokens for i in items), "teacher_tokens": sum(i.teacher_tokens for i in items)}
         input_ids, attention, keep = suffixes_batch([(i.doc.token_ids, s, e) for i in items for s, e in i.spans], pad_id, device)
         weights = position_weights(items).to(device)
+        context = cfg.disc_positions == "context"
+        if context and isinstance(teacher, TeacherCache):
+            raise CtxDistillError("disc_positions context needs a live teacher (it runs the teacher on the suffix alone), "
+                                  "not a teacher cache; drop --teacher-cache")
+        if context:
+            stats["teacher_tokens"] += stats["student_tokens"] + sum(len(i.spans) for i in items)
         if isinstance(teacher, TeacherCache):  # no teacher model: its top-k distributions were cached
             cached = [teacher.lookup(i.doc_id, teacher_positions(i.spans)) for i in items]
             student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
@@ -185,12 +217,26 @@ class Disc(Method):
         batch = teacher_batch(items, pad_id, device)
         if plain_lm_head(student):  # hidden states, then LM head + KL in chunks: no [N, V] tensor for the batch
             teacher_hidden = teacher.hidden_states(input_ids=batch.input_ids, attention_mask=batch.attention, use_cache=False)[batch.keep]
+            teacher_hidden = teacher_hidden[batch.rows]
             student_hidden = final_hidden_states(student, input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
-            loss = chunked_head_kl(student_hidden, teacher_hidden[batch.rows], student.get_output_embeddings().weight,
+            if context:  # the same chunked projection, teacher with prefix vs teacher alone; only kept rows reach the KL
+                alone_hidden = teacher.hidden_states(input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
+                gain = chunked_context_kl(teacher_hidden, alone_hidden, teacher.head_weight, cfg.temperature, cfg.kl_chunk_size)
+                weights, counts = context_weights(items, weights, gain, cfg.context_kl_threshold)
+                stats |= counts
+                rows = weights > 0
+                student_hidden, teacher_hidden, weights = student_hidden[rows], teacher_hidden[rows], weights[rows]
+            loss = chunked_head_kl(student_hidden, teacher_hidden, student.get_output_embeddings().weight,
                                    teacher.head_weight, weights, cfg.temperature, cfg.kl_chunk_size or len(weights))
             return loss, stats
         teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention, logits_to_keep=batch.keep, use_cache=False).logits
         student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
         vocab = student_logits.shape[-1]
-        per_position = forward_kl_per_position(teacher_logits.reshape(-1, vocab)[batch.rows], student_logits.reshape(-1, vocab), cfg.temperature)
+        teacher_logits = teacher_logits.reshape(-1, vocab)[batch.rows]
+        if context:
+            alone_logits = teacher(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+            gain = context_kl_per_position(teacher_logits, alone_logits.reshape(-1, vocab), cfg.temperature)
+            weights, counts = context_weights(items, weights, gain, cfg.context_kl_threshold)
+            stats |= counts
+        per_position = forward_kl_per_position(teacher_logits, student_logits.reshape(-1, vocab), cfg.temperature)
         return (per_position * weights).sum(), stats

@@ -8,6 +8,11 @@ With `replay_kl_weight > 0` a replay item's loss is CE + weight · KL(initial mo
 `kl_temperature`, as in the authors' code; document items keep the loss of `replay_method`.
 Replay items are examples like any document, so the epoch shuffle spreads them uniformly: each
 epoch holds exactly `replay_n` replay steps among `replay_n + documents` steps.
+
+ctxdistill variant, not in the paper (chat retention): `replay_ce_weight` scales the CE, so
+`replay_ce_weight 0` with `replay_kl_weight > 0` makes replay items a pure KL(initial ‖ student) term on
+chat replies (e.g. `bundled:chat_retention`); records without a `response` get the initial model's greedy
+reply (at most `replay_max_new_tokens`), generated once before training and cached like other generations.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CtxDistillError
-from ..generate import chat_ids
-from ..losses import ft_kl_loss, token_cross_entropy
+from ..generate import GenerationCache, GenerationStats, cache_dir, chat_ids, sample_cached, stop_token_ids, write_jsonl
+from ..losses import replay_loss
 from . import Method, PreparedCorpus
-from .records import load_checked_records
+from .records import Record, load_checked_records
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,37 @@ def replay_example(record, tokenizer, fmt: str, max_length: int) -> ReplayExampl
     return ReplayExample(f"replay:{record.id}", tuple(ids), tuple(labels))
 
 
+def needs_response(record) -> bool:
+    """A record with no `response` field (or null): the initial model answers it before training."""
+    return record.get("response") is None
+
+
+def generate_responses(records: list, model, tokenizer, cfg, progress: bool = True) -> tuple[list, GenerationStats]:
+    """`records` with each missing `response` filled by the model's greedy chat reply (cached on disk).
+
+    Greedy, so the reply is the initial model's own most likely answer: what retention should preserve.
+    """
+    todo = [r for r in records if needs_response(r)]
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in todo]
+    settings = {"kind": "replay_response", "temperature": 0.0, "max_new_tokens": cfg.replay_max_new_tokens, "precision": cfg.precision}
+    cache = GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings)
+    stats = GenerationStats()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    outputs = sample_cached(model, prompts, cache, stats, max_new_tokens=cfg.replay_max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+                            pad_id=pad_id, temperature=0.0, batch_size=cfg.gen_batch_size, precision=cfg.precision,
+                            progress=progress, desc="replay responses")
+    replies = {id(r): tokenizer.decode(o.tokens, skip_special_tokens=True).strip() for r, o in zip(todo, outputs)}
+    stats.extra = {"settings": settings, "cache_file": str(cache.path) if cache.path else None,
+                   "unfinished": sum(not o.stopped for o in outputs)}
+    filled = [Record(r.id, r.fields | {"response": replies[id(r)]}) if id(r) in replies else r for r in records]
+    return filled, stats
+
+
 class Replay(Method):
     name = "replay"
     input_format = ("documents, as `replay_method` needs them (default ft: JSONL field `text`); replay pairs come from "
-                    "`replay_source`: JSONL with `prompt` and `response` (default bundled:gsm8k_train)")
+                    "`replay_source`: JSONL with `prompt` and `response` (default bundled:gsm8k_train); records without "
+                    "`response` get the initial model's greedy reply")
 
     def __init__(self):
         self.base = None
@@ -72,18 +104,34 @@ class Replay(Method):
 
     def load(self, cfg):
         documents, report = self.base.load(cfg)
-        records, _ = load_checked_records(cfg.replay_source, "replay (replay_source)", {"prompt": "str", "response": "str"},
-                                          input_format="JSONL records with `prompt` and `response`", example="bundled:gsm8k_train",
-                                          option="replay_source")
+        records, _ = load_checked_records(cfg.replay_source, "replay (replay_source)", {"prompt": "str"}, {"response": "str"},
+                                          input_format="JSONL records with `prompt` and optional `response`",
+                                          example="bundled:gsm8k_train", option="replay_source")
+        records = [r for r in records if needs_response(r) or r["response"].strip()]  # an empty response is skipped, as before
+        if not records:
+            raise CtxDistillError(f"no usable records in {cfg.replay_source} for replay: every response is empty")
         self.replay_records = draw_replay(records, cfg.replay_n, cfg.seed)
+        self.prepare_uses_model = self.base.prepare_uses_model or any(map(needs_response, self.replay_records))
         return documents, report
 
     def prepare(self, documents, tokenizer, cfg, **kwargs) -> PreparedCorpus:
         prepared = self.base.prepare(documents, tokenizer, cfg, **(kwargs if self.base.prepare_uses_model else {}))
-        replay = [replay_example(r, tokenizer, cfg.replay_format, cfg.max_length) for r in self.replay_records]
         log = kwargs.get("log", print)
+        records, generation = self.replay_records, prepared.generation
+        if any(map(needs_response, records)):
+            records, stats = generate_responses(records, kwargs["model"], tokenizer, cfg, kwargs.get("progress", True))
+            out_dir = kwargs.get("out_dir")
+            if out_dir is not None:
+                write_jsonl(out_dir / "replay_responses.jsonl", [{"id": r.id, "prompt": r["prompt"], "response": r["response"]}
+                                                                 for r in records])
+            log(f"replay: {stats.sequences} greedy replies in {stats.seconds:.1f} s ({stats.cached} from the cache)")
+            generation = (stats.to_dict() if not generation else
+                          generation | {"seconds": generation.get("seconds", 0.0) + stats.seconds, "replay_responses": stats.to_dict()})
+        empty = [r.id for r in records if not r["response"].strip()]
+        replay = [replay_example(r, tokenizer, cfg.replay_format, cfg.max_length) for r in records if r["response"].strip()]
         log(f"replay: {len(replay)} replay examples from {cfg.replay_source} mixed among {len(prepared.examples)} {self.base.name} examples")
-        return PreparedCorpus(prepared.examples + replay, prepared.skipped, prepared.generation)
+        skipped = prepared.skipped | ({"empty-replay-reply": empty} if empty else {})
+        return PreparedCorpus(prepared.examples + replay, skipped, generation)
 
     def plan(self, example, rng: random.Random, cfg):
         if isinstance(example, ReplayExample):
@@ -97,8 +145,6 @@ class Replay(Method):
         labels = torch.tensor([item.labels], device=device)
         logits = student(input_ids=ids, use_cache=False).logits
         tokens = sum(1 for t in item.labels[1:] if t != -100)
-        if cfg.replay_kl_weight > 0:
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-            loss, _, _ = ft_kl_loss(logits, teacher_logits, labels, cfg.replay_kl_weight, cfg.kl_temperature)
-            return loss, {"student_tokens": tokens, "teacher_tokens": len(item.ids)}
-        return token_cross_entropy(logits, labels), {"student_tokens": tokens, "teacher_tokens": 0}
+        teacher_logits = teacher(input_ids=ids, use_cache=False).logits if cfg.replay_kl_weight > 0 else None
+        loss = replay_loss(logits, teacher_logits, labels, cfg.replay_ce_weight, cfg.replay_kl_weight, cfg.kl_temperature)
+        return loss, {"student_tokens": tokens, "teacher_tokens": len(item.ids) if teacher_logits is not None else 0}
