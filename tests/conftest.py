@@ -58,3 +58,12 @@ def corpus_file(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps({"id": f"doc-{i}", "text": t}) for i, t in enumerate(NEWS)) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture()
+def short_preset(monkeypatch):
+    """The quick evaluation preset with 4-token generations, for sweeps and studies on the tiny model."""
+    import ctxdistill.evaluate.suite as suite
+
+    small = {k: (4 if k.endswith("tokens") else v) for k, v in suite.PRESETS["quick"].items()} | {"doc_max_length": 64}
+    monkeypatch.setitem(suite.PRESETS, "quick", small)

@@ -39,14 +39,6 @@ def test_sweep_config_errors(tmp_path, tiny_model_dir, corpus_file):
         load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, train={"no_such_option": 1}))).validate()
 
 
-@pytest.fixture()
-def short_preset(monkeypatch):
-    import ctxdistill.evaluate.suite as suite
-
-    small = {k: (4 if k.endswith("tokens") else v) for k, v in suite.PRESETS["quick"].items()} | {"doc_max_length": 64}
-    monkeypatch.setitem(suite.PRESETS, "quick", small)
-
-
 def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, corpus_file, monkeypatch, short_preset):
     quiet = dict(log=lambda *_: None, progress=False)
     cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file)))

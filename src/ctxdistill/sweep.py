@@ -39,11 +39,13 @@ class SweepConfig:
     model: str = opt(DEFAULT_MODEL, "the initial (post-trained) model every run starts from")
     corpus: str = opt("bundled:news_updates", "training documents (also used for the per-token KL)")
     probes: str = opt("bundled:news_updates_probes", "knowledge probes about the corpus (the domain score)")
-    methods: list = opt_list(["ft", "disc"], "training methods to compare")
+    methods: list = opt_list(["ft", "disc"], "training methods (or variant names defined in method_overrides) to compare")
     lrs: list = opt_list([1e-5, 3e-5], "learning rates (each method is trained at each)")
     seeds: list = opt_list([1234], "seeds (each method x lr is trained once per seed)")
     train: dict = opt_dict("TrainConfig options shared by every run (e.g. epochs, max_steps)")
-    method_overrides: dict = opt_dict("per-method TrainConfig options, e.g. {disc: {temperature: 2.0}}")
+    method_overrides: dict = opt_dict("per-method TrainConfig options, e.g. {disc: {temperature: 2.0}}; a variant is a new name with "
+                                      "`method:` set, e.g. {disc_all: {method: disc, split_strategy: all_sentences}}; `lrs:` and "
+                                      "`seeds:` in an entry replace the sweep's grid for that name")
     eval: dict = opt_dict("EvalConfig options for every evaluation (e.g. suite: quick, n_ifeval: 60)")
     save_models: bool = opt(False, "keep each run's trained weights in runs/<name>/model")
     report: bool = opt(True, "write report.md and the plots when the sweep ends")
@@ -60,26 +62,47 @@ class SweepConfig:
             raise CtxDistillError("lrs must be numbers and seeds integers, e.g. lrs: [1.0e-5, 3.0e-5], seeds: [1234]") from None
         if not self.methods or not self.lrs or not self.seeds:
             raise CtxDistillError("a sweep needs at least one method, one learning rate and one seed")
-        unknown = [m for m in self.methods if m not in METHOD_NAMES]
-        if unknown:
-            raise CtxDistillError(f"unknown method(s) {', '.join(map(str, unknown))}; choose from: {', '.join(METHOD_NAMES)}")
         bad = [m for m in self.method_overrides if m not in self.methods]
         if bad:
             raise CtxDistillError(f"method_overrides names {', '.join(bad)}, which is not in methods ({', '.join(self.methods)})")
+        unknown = [m for m in self.methods if self.base_method(m) not in METHOD_NAMES]
+        if unknown:
+            raise CtxDistillError(f"unknown method(s) {', '.join(map(str, unknown))}; choose from: {', '.join(METHOD_NAMES)}, "
+                                  "or name a variant in method_overrides with `method:` set")
         reserved = {"method", "lr", "seed", "out", "model", "corpus", "overwrite", "save_model"} & set(self.train)
         if reserved:
             raise CtxDistillError(f"train: {', '.join(sorted(reserved))} are set by the sweep itself; use the top-level keys (methods, lrs, seeds, model, corpus)")
+        for name, entry in self.method_overrides.items():
+            try:
+                entry["lrs"] = [float(x) for x in entry.get("lrs", self.lrs)]
+                entry["seeds"] = [int(x) for x in entry.get("seeds", self.seeds)]
+            except (TypeError, ValueError):
+                raise CtxDistillError(f"method_overrides.{name}: lrs must be numbers and seeds integers") from None
         for method in self.methods:  # type-check every run's TrainConfig before anything trains
-            self.train_config(method, self.lrs[0], self.seeds[0])
+            self.train_config(method, self.lrs_of(method)[0], self.seeds_of(method)[0])
         self.eval_config("baseline")
         return self
 
     def run_name(self, method: str, lr: float, seed: int) -> str:
         return f"{method}_lr{lr:g}_s{seed}"
 
+    def base_method(self, name: str) -> str:
+        """The training method behind a methods entry: itself, or the `method:` of its variant."""
+        return self.method_overrides.get(name, {}).get("method", name)
+
+    def lrs_of(self, name: str) -> list:
+        return self.method_overrides.get(name, {}).get("lrs", self.lrs)
+
+    def seeds_of(self, name: str) -> list:
+        return self.method_overrides.get(name, {}).get("seeds", self.seeds)
+
+    def plan(self) -> list[tuple[str, float, int]]:
+        return [(m, lr, s) for m in self.methods for lr in self.lrs_of(m) for s in self.seeds_of(m)]
+
     def train_config(self, method: str, lr: float, seed: int) -> TrainConfig:
-        values = dict(self.train) | dict(self.method_overrides.get(method, {}))
-        values |= {"method": method, "lr": lr, "seed": seed, "model": self.model, "corpus": self.corpus,
+        overrides = {k: v for k, v in self.method_overrides.get(method, {}).items() if k not in ("method", "lrs", "seeds")}
+        values = dict(self.train) | overrides
+        values |= {"method": self.base_method(method), "lr": lr, "seed": seed, "model": self.model, "corpus": overrides.get("corpus", self.corpus),
                    "out": str(Path(self.out) / "runs" / self.run_name(method, lr, seed)), "overwrite": True, "save_model": self.save_models}
         return build_config(TrainConfig, None, values)
 
@@ -120,7 +143,7 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    plan = [(m, lr, s) for m in cfg.methods for lr in cfg.lrs for s in cfg.seeds]
+    plan = cfg.plan()
     status = {"config": to_dict(cfg), "runs": {}}
     started = time.perf_counter()
 
@@ -155,7 +178,7 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
             initial = load_model(cfg.model, dtype=torch.float32).to(device)
         eval_cfg = cfg.eval_config(name, model=str(run_dir / "model") if cfg.save_models else name, out=str(run_dir),
                                    reference=cfg.model, corpus=cfg.corpus, text_field=train_cfg.text_field)
-        run_info = {"method": method, "lr": lr, "seed": seed, "name": name, "train_config": to_dict(train_cfg),
+        run_info = {"method": method, "base_method": train_cfg.method, "lr": lr, "seed": seed, "name": name, "train_config": to_dict(train_cfg),
                     "train_s": result.summary["timings_s"]["train"], "steps": result.summary["counts"]["steps"]}
         log(f"sweep: [{i}/{len(plan)}] {name}: evaluating")
         evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=reference_responses,

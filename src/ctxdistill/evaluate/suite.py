@@ -73,6 +73,8 @@ class EvalConfig:
     text_field: str = opt("text", "JSONL field holding the document text (for --corpus)")
     chat_prompts: str = opt("", "held-out chat prompts JSONL ({'prompt': ...}); empty = the bundled ones")
     seed: int = opt(1234, "seed for subsets and sampling")
+    knowledge_parts: str = opt("loglik,sampled,short", "knowledge scores to compute (comma-separated): loglik (option log-likelihood), "
+                               "sampled (the paper's sampled MCQ, majority vote), short (closed-book short answer)")
     mcq_samples: int = opt(5, "sampled answers per multiple-choice probe (majority vote)")
     mcq_temperature: float = opt(1.0, "sampling temperature for multiple-choice probes")
     mcq_top_p: float = opt(1.0, "top-p for multiple-choice probes")
@@ -85,6 +87,8 @@ class EvalConfig:
     n_mmlu: int = opt(0, "MMLU questions (0 = preset, -1 = all 14042)")
     n_pubmedqa: int = opt(0, "PubMedQA PQA-L questions (0 = preset, -1 = all 500)")
     ifeval_max_new_tokens: int = opt(0, "IFEval response length cap (0 = preset)")
+    gsm8k_max_new_tokens: int = opt(0, "GSM8K solution length cap (0 = preset)")
+    humaneval_max_new_tokens: int = opt(0, "HumanEval completion length cap (0 = preset)")
     batch_size: int = opt(32, "sequences per generation batch (scoring batches are a quarter of it)")
     gen_dtype: str = opt("bf16", "weights used for generation: bf16 copy (fast on CPUs with bf16 and on GPUs) or fp32", ("bf16", "fp32"))
     score_precision: str = opt("auto", "log-likelihood and KL scoring: fp32, bf16 autocast, or auto (quick: bf16, full: fp32)", ("auto", "fp32", "bf16"))
@@ -112,6 +116,9 @@ class EvalConfig:
             raise CtxDistillError("mcq_samples and batch_size must be >= 1")
         if not (self.mcq_temperature >= 0 and 0 < self.mcq_top_p <= 1):
             raise CtxDistillError("mcq_temperature must be >= 0 and mcq_top_p in (0, 1]")
+        parts = [p.strip() for p in self.knowledge_parts.split(",") if p.strip()]
+        if not parts or set(parts) - {"loglik", "sampled", "short"}:
+            raise CtxDistillError(f"knowledge_parts {self.knowledge_parts!r}: choose one or more of loglik, sampled, short (comma-separated)")
         if self.corpus and not self.reference:
             raise CtxDistillError("--corpus (per-token KL on training documents) needs --reference, the initial model to compare with")
         return self
@@ -125,7 +132,8 @@ class EvalConfig:
         p = dict(PRESETS[self.suite])
         for key, field_name in (("probes_sampled", "n_probes"), ("ifeval", "n_ifeval"), ("gsm8k", "n_gsm8k"), ("humaneval", "n_humaneval"),
                                 ("nq_open", "n_nq_open"), ("mmlu", "n_mmlu"), ("pubmedqa", "n_pubmedqa"),
-                                ("ifeval_max_new_tokens", "ifeval_max_new_tokens")):
+                                ("ifeval_max_new_tokens", "ifeval_max_new_tokens"), ("gsm8k_max_new_tokens", "gsm8k_max_new_tokens"),
+                                ("humaneval_max_new_tokens", "humaneval_max_new_tokens")):
             if getattr(self, field_name):
                 p[key] = getattr(self, field_name)
         return p
@@ -205,27 +213,31 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             mcq = [s["probe"] for s in seeded_subset([{"id": p.id, "probe": p} for p in probes if p.is_mcq], _n(preset["probes_loglik"]), seed)]
             sampled = seeded_subset([{"id": p.id, "probe": p} for p in probes if p.is_mcq], _n(preset["probes_sampled"]), seed)
             result = {"metrics": {}, "item_scores": {}, "settings": {"probes": cfg.probes, "n_probes": len(probes)}, "predictions": []}
-            if mcq:
+            parts = {p.strip() for p in cfg.knowledge_parts.split(",")}
+            if mcq and "loglik" in parts:
                 with scoring():
                     loglik = score_mcq_loglik(model, tokenizer, mcq, batch_size=bs)
                 result["metrics"]["mcq_loglik"] = {"value": loglik["accuracy"], "stderr": loglik["stderr"], "n": loglik["n"]}
                 result["metrics"]["gold_option_logprob"] = {"value": loglik["mean_gold_logprob"], "stderr": float("nan"), "n": loglik["n"]}
                 result["item_scores"]["mcq_loglik"] = [float(p["correct"]) for p in loglik["predictions"]]
+                result["settings"]["mcq_loglik"] = "option log-likelihood / option length in characters, chat template"
+                result["ids"] = [p.id for p in mcq]
+            if sampled and "sampled" in parts:
                 vote = score_mcq_sampled(gen_model, tokenizer, [s["probe"] for s in sampled], cfg.mcq_samples, cfg.mcq_temperature,
                                          cfg.mcq_top_p, preset["probes_max_new_tokens"], cfg.mcq_template, bs, seed)
                 result["metrics"]["mcq_sampled"] = {k: vote[k] for k in ("value", "stderr", "n")}
                 result["metrics"]["mcq_parse_rate"] = {"value": vote["parse_rate"], "stderr": float("nan"), "n": vote["n"]}
                 result["item_scores"]["mcq_sampled"] = vote["item_scores"]
                 result["settings"]["mcq_sampled"] = vote["settings"] | {"ids": [s["id"] for s in sampled]}
-                result["settings"]["mcq_loglik"] = "option log-likelihood / option length in characters, chat template"
                 result["predictions"] += [{"task": "mcq_sampled"} | p for p in vote["predictions"]]
-            short_probes = [s["probe"] for s in seeded_subset([{"id": p.id, "probe": p} for p in probes], _n(preset["probes_short"]), seed)]
-            short = score_short_answer(gen_model, tokenizer, short_probes, preset["short_max_new_tokens"], bs)
-            for name in ("em", "f1", "contains"):
-                result["metrics"][f"short_{name}"] = short[name]
-            result["item_scores"]["short_f1"] = short["item_scores"]["f1"]
-            result["settings"]["short_answer"] = short["settings"]
-            result["predictions"] += [{"task": "short_answer"} | p for p in short["predictions"]]
+            if "short" in parts:
+                short_probes = [s["probe"] for s in seeded_subset([{"id": p.id, "probe": p} for p in probes], _n(preset["probes_short"]), seed)]
+                short = score_short_answer(gen_model, tokenizer, short_probes, preset["short_max_new_tokens"], bs)
+                for name in ("em", "f1", "contains"):
+                    result["metrics"][f"short_{name}"] = short[name]
+                result["item_scores"]["short_f1"] = short["item_scores"]["f1"]
+                result["settings"]["short_answer"] = short["settings"]
+                result["predictions"] += [{"task": "short_answer"} | p for p in short["predictions"]]
         record("knowledge", result)
 
     if "ifeval" in tasks:
@@ -334,8 +346,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     reference = None
     if cfg.reference and cfg.reference != cfg.model:
         reference = load_model(cfg.reference, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device)
-    elif cfg.reference == cfg.model:
-        cfg = replace(cfg, reference="")
+    elif cfg.reference == cfg.model:  # the model against itself: drift and per-token KL are 0 by definition
+        cfg = replace(cfg, reference="", corpus="")
     return evaluate_model(model, tokenizer, cfg, reference_model=reference, log=log)
 
 

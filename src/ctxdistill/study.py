@@ -1,0 +1,314 @@
+"""`ctxdistill study`: the whole comparison from one YAML file, resumable, summarised in one JSON.
+
+Stages, each skipped where its outputs already exist (so an interrupted study continues):
+1. one sweep per domain (`domains:`), each a `ctxdistill sweep` with its own corpus, probes, methods,
+   learning rates and seeds, in `OUT/<domain>/`;
+2. continual updates (`continual:`): the corpus cut into rounds applied one after another, each round
+   starting from the previous round's model (DiSC's teacher is that model too), evaluated after every
+   round on the probes of every round so far, in `OUT/continual/<method>/round<r>/`;
+3. `OUT/study_summary.json`: every evaluation trimmed to its metrics, per-item scores and run settings;
+4. `RESULTS_DIR/results.md` and its plots, written from the summary alone (`--report-only` rebuilds them
+   from a committed summary without training anything).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import build_config, opt, to_dict
+from .errors import CtxDistillError
+from .models import DEFAULT_MODEL
+
+
+def _dict(help: str):
+    return field(default_factory=dict, metadata={"help": help, "choices": None})
+
+
+@dataclass
+class StudyConfig:
+    out: str = opt("runs/study", "study directory: one sweep per domain, continual/, study_summary.json")
+    model: str = opt(DEFAULT_MODEL, "the initial (post-trained) model every run starts from")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    train: dict = _dict("TrainConfig options shared by every run (a domain's own `train:` adds to them)")
+    eval: dict = _dict("EvalConfig options shared by every evaluation (a domain's own `eval:` adds to them)")
+    domains: dict = _dict("name -> sweep: corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, lrs, seeds, method_overrides, train, eval")
+    continual: dict = _dict("corpus, probes, rounds, methods: {name: {method, lr, ...TrainConfig options}}, train, eval; empty = skip")
+    domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
+    cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
+    results_dir: str = opt("", "where results.md, results/*.png and results/study_summary.json go (default: OUT)")
+    reading: str = opt("", "a hand-written markdown file pasted into results.md as its 'Reading' section (optional)")
+    report_only: bool = opt(False, "only rebuild results.md and the plots from --summary (no training, no evaluation)")
+    summary: str = opt("", "the study_summary.json to read with --report-only (default: RESULTS_DIR/results/study_summary.json)")
+
+    def validate(self) -> "StudyConfig":
+        if self.report_only:
+            return self
+        if not self.domains and not self.continual:
+            raise CtxDistillError("a study needs `domains:` (sweeps) and/or `continual:`; see configs/study.yaml")
+        for name, domain in self.domains.items():
+            if not isinstance(domain, dict):
+                raise CtxDistillError(f"domains.{name} must be a mapping (corpus, probes, methods, lrs, ...)")
+            self.sweep_config(name).validate()
+        if self.continual:
+            rounds = int(self.continual.get("rounds", 3))
+            if rounds < 2:
+                raise CtxDistillError("continual.rounds must be >= 2")
+            if not self.continual.get("methods"):
+                raise CtxDistillError("continual.methods is empty; e.g. {disc: {lr: 1.0e-4}, ft: {lr: 1.0e-4}}")
+        return self
+
+    def results_path(self) -> Path:
+        return Path(self.results_dir or self.out)
+
+    def domain_data(self, name: str) -> tuple[str, str]:
+        """(corpus, probes) of a domain; `build:` domains are written under OUT/data/<name>/ first."""
+        domain = self.domains[name]
+        build = domain.get("build")
+        if not build:
+            return domain.get("corpus", "bundled:news_updates"), domain.get("probes", "bundled:news_updates_probes")
+        if build.get("dataset") != "pubmedqa":
+            raise CtxDistillError(f"domains.{name}.build.dataset must be pubmedqa (the only built domain so far)")
+        target = Path(self.out) / "data" / name
+        return str(target / "corpus.jsonl"), str(target / "probes.jsonl")
+
+    def build_domain_data(self, name: str, log=print) -> None:
+        build = self.domains[name].get("build")
+        corpus, probes = self.domain_data(name)
+        if not build or (Path(corpus).is_file() and Path(probes).is_file()):
+            return
+        from .evaluate.domains import build_pubmedqa_domain
+
+        info = build_pubmedqa_domain(Path(corpus).parent, n_docs=int(build.get("n_docs", 40)), seed=int(build.get("seed", 1234)),
+                                     data_dir=self.eval.get("data_dir") or None)
+        log(f"study: built the {name} domain: {info}")
+
+    def sweep_config(self, name: str):
+        from .sweep import SweepConfig
+
+        domain = dict(self.domains[name])
+        corpus, probes = self.domain_data(name)
+        values = {
+            "out": str(Path(self.out) / name), "model": self.model, "corpus": corpus, "probes": probes,
+            "methods": domain.get("methods", ["ft", "disc"]), "lrs": domain.get("lrs", [1e-5, 3e-5]), "seeds": domain.get("seeds", [1234]),
+            "train": dict(self.train) | dict(domain.get("train", {})), "eval": dict(self.eval) | dict(domain.get("eval", {})),
+            "method_overrides": {k: dict(v) for k, v in domain.get("method_overrides", {}).items()},
+            "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold,
+        }
+        unknown = set(domain) - {"corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides"}
+        if unknown:
+            raise CtxDistillError(f"domains.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+        return build_config(SweepConfig, None, values)
+
+
+def load_study_config(path: str | None, overrides: dict | None = None) -> StudyConfig:
+    return build_config(StudyConfig, path, overrides or {})
+
+
+# ---------------------------------------------------------------- continual updates
+
+
+def continual_rounds(documents: list, rounds: int) -> list[list]:
+    """The corpus in `rounds` consecutive batches of (nearly) equal size, in corpus order."""
+    size, extra = divmod(len(documents), rounds)
+    batches, start = [], 0
+    for r in range(rounds):
+        end = start + size + (1 if r < extra else 0)
+        batches.append(documents[start:end])
+        start = end
+    if any(not b for b in batches):
+        raise CtxDistillError(f"continual: {len(documents)} documents cannot fill {rounds} rounds")
+    return batches
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def prepare_continual_data(cfg: StudyConfig) -> dict:
+    """Round corpora and the probes of each round under OUT/continual/data/; returns the round -> doc ids map."""
+    from .corpus import load_corpus
+    from .evaluate.probes import load_probes
+
+    spec = cfg.continual
+    rounds = int(spec.get("rounds", 3))
+    documents, _ = load_corpus(spec.get("corpus", "bundled:news_updates"), "text", "id", 20)
+    probes_path = spec.get("probes", "bundled:news_updates_probes")
+    if probes_path.startswith("bundled:"):
+        from .corpus import bundled_path
+
+        probes_path = str(bundled_path(probes_path.split(":", 1)[1]))
+    probes = load_probes(probes_path)
+    data = Path(cfg.out) / "continual" / "data"
+    round_docs = []
+    for r, batch in enumerate(continual_rounds(documents, rounds), start=1):
+        write_jsonl(data / f"round{r}.jsonl", [{"id": d.id, "text": d.text} for d in batch])
+        round_docs.append([d.id for d in batch])
+    doc_round = {doc_id: r for r, ids in enumerate(round_docs, start=1) for doc_id in ids}
+    kept = [p for p in probes if p.doc_id in doc_round]
+    write_jsonl(data / "probes.jsonl", [{"id": p.id, "doc_id": p.doc_id, "question": p.question, "options": list(p.options), "answer": p.answer}
+                                        for p in kept])
+    return {"rounds": rounds, "round_docs": round_docs, "probe_round": {p.id: doc_round[p.doc_id] for p in kept}}
+
+
+def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
+    import torch
+
+    from .evaluate.drift import load_responses
+    from .evaluate.suite import EvalConfig, evaluate_model
+    from .models import load_model, load_tokenizer
+    from .config import TrainConfig
+    from .train import resolve_device, train
+
+    spec = cfg.continual
+    layout = prepare_continual_data(cfg)
+    root = Path(cfg.out) / "continual"
+    data = root / "data"
+    (root / "rounds.json").write_text(json.dumps(layout, indent=2) + "\n", encoding="utf-8")
+    eval_values = dict(cfg.eval) | dict(spec.get("eval", {})) | {"probes": str(data / "probes.jsonl"), "overwrite": True}
+    baseline_dir = root / "baseline"
+    tokenizer = load_tokenizer(cfg.model)
+    device = resolve_device(dict(cfg.train).get("device", "auto"))
+    initial = load_model(cfg.model, dtype=torch.float32).to(device)
+    if not (baseline_dir / "eval.json").is_file():
+        log("study: continual: evaluating the initial model on every round's probes")
+        evaluate_model(initial, tokenizer, build_config(EvalConfig, None, eval_values | {"out": str(baseline_dir), "model": cfg.model}),
+                       run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
+    responses = load_responses(baseline_dir / "reference_responses.jsonl") if (baseline_dir / "reference_responses.jsonl").is_file() else None
+
+    for name, options in spec["methods"].items():
+        options = dict(options)
+        model_path = cfg.model
+        for r in range(1, layout["rounds"] + 1):
+            run_dir = root / name / f"round{r}"
+            if (run_dir / "eval.json").is_file() and (run_dir / "model").is_dir():
+                log(f"study: continual {name} round {r}: done already, skipped")
+                model_path = str(run_dir / "model")
+                continue
+            values = dict(cfg.train) | dict(spec.get("train", {})) | {k: v for k, v in options.items()}
+            values |= {"method": options.get("method", name), "model": model_path, "corpus": str(data / f"round{r}.jsonl"),
+                       "out": str(run_dir), "overwrite": True, "save_model": True}
+            train_cfg = build_config(TrainConfig, None, values)
+            log(f"study: continual {name} round {r}/{layout['rounds']}: training from {model_path}")
+            result = train(train_cfg, progress=progress, log=log)
+            run_info = {"method": name, "base_method": train_cfg.method, "lr": train_cfg.lr, "seed": train_cfg.seed, "round": r,
+                        "name": f"{name}_round{r}", "train_s": result.summary["timings_s"]["train"], "steps": result.summary["counts"]["steps"]}
+            eval_cfg = build_config(EvalConfig, None, eval_values | {"out": str(run_dir), "model": str(run_dir / "model"), "reference": cfg.model,
+                                                                      "corpus": str(data / f"round{r}.jsonl")})
+            evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=responses, run_info=run_info, log=log)
+            model_path = str(run_dir / "model")
+            del result
+            gc.collect()
+
+
+# ---------------------------------------------------------------- summary
+
+
+def trim_eval(data: dict) -> dict:
+    """The parts of an eval.json the results need: metrics, per-item scores and item ids, run settings."""
+    run = {k: v for k, v in data.get("run", {}).items() if k != "train_config"}
+    tc = data.get("run", {}).get("train_config") or {}
+    if tc:
+        run["train"] = {k: tc[k] for k in ("epochs", "method", "student", "split_strategy", "temperature", "disc_positions", "context_kl_threshold",
+                                           "replay_method", "replay_n", "replay_kl_weight", "replay_ce_weight", "kl_beta") if k in tc}
+    return {"role": data.get("role"), "model": data.get("model"), "suite": data.get("suite"), "run": run, "metrics": data.get("metrics", {}),
+            "item_scores": data.get("item_scores", {}), "tasks": {t: {"ids": v.get("ids")} for t, v in data.get("tasks", {}).items() if isinstance(v, dict)},
+            "timings_s": data.get("timings_s", {})}
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def summarise(cfg: StudyConfig) -> dict:
+    """Every evaluation of the study, trimmed, in one JSON-able dict."""
+    import torch
+
+    out = Path(cfg.out)
+    summary = {"version": 1, "config": to_dict(cfg), "domain_metric": cfg.domain_metric, "cp_threshold": cfg.cp_threshold,
+               "environment": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
+                               "torch": torch.__version__, "threads": cfg.threads or torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+               "domains": {}, "continual": None}
+    for name in cfg.domains:
+        root = out / name
+        base = root / "baseline" / "eval.json"
+        runs = sorted((root / "runs").glob("*/eval.json"))
+        sweep = _read(root / "sweep.json") if (root / "sweep.json").is_file() else {}
+        summary["domains"][name] = {"baseline": trim_eval(_read(base)) if base.is_file() else None,
+                                    "runs": [trim_eval(_read(p)) for p in runs], "total_s": sweep.get("total_s")}
+    if cfg.continual and (out / "continual" / "rounds.json").is_file():
+        layout = _read(out / "continual" / "rounds.json")
+        cont = {"layout": layout, "baseline": None, "methods": {}}
+        if (out / "continual" / "baseline" / "eval.json").is_file():
+            cont["baseline"] = trim_eval(_read(out / "continual" / "baseline" / "eval.json"))
+        for name in cfg.continual["methods"]:
+            rounds = []
+            for r in range(1, layout["rounds"] + 1):
+                path = out / "continual" / name / f"round{r}" / "eval.json"
+                if path.is_file():
+                    rounds.append(trim_eval(_read(path)))
+            cont["methods"][name] = rounds
+        summary["continual"] = cont
+    timings = _read(out / "timings.json") if (out / "timings.json").is_file() else {}
+    summary["timings_s"] = timings
+    return summary
+
+
+def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
+    cfg.validate()
+    if cfg.report_only:
+        summary_path = Path(cfg.summary) if cfg.summary else cfg.results_path() / "results" / "study_summary.json"
+        if not summary_path.is_file():
+            raise CtxDistillError(f"{summary_path} not found; run the study first or pass --summary PATH")
+        from .study_report import write_results
+
+        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log)
+
+    import torch
+
+    from .sweep import run_sweep
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings = _read(timings_path) if timings_path.is_file() else {}
+
+    def timed(stage: str, fn):
+        started = time.perf_counter()
+        fn()
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)  # summed over resumed sessions
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+
+    for name in cfg.domains:
+        log(f"study: domain {name}")
+        cfg.build_domain_data(name, log=log)
+        timed(f"domain:{name}", lambda: run_sweep(cfg.sweep_config(name), log=log, progress=progress))
+    if cfg.continual:
+        timed("continual", lambda: run_continual(cfg, log=log, progress=progress))
+    summary = summarise(cfg)
+    results = cfg.results_path()
+    (results / "results").mkdir(parents=True, exist_ok=True)
+    summary_path = results / "results" / "study_summary.json"
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, default=_json_default) + "\n", encoding="utf-8")
+    tmp.replace(summary_path)
+    log(f"study: summary -> {summary_path}")
+    from .study_report import write_results
+
+    return write_results(summary, results, cfg.reading, log=log)
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

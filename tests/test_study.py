@@ -1,0 +1,96 @@
+"""Study: sweeps per domain with variants, continual rounds, one summary JSON, results.md rebuilt from it alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ctxdistill.errors import CtxDistillError
+from ctxdistill.study import continual_rounds, load_study_config, run_study
+from ctxdistill.study_report import interpolate_at, probe_round_accuracy
+
+
+def write_study(tmp_path, tiny_model_dir, corpus_file, **extra):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"doc-{i}-q", "doc_id": f"doc-{i}", "question": f"Who leads place {i}?",
+                                          "options": ["Anika Dros", "Teodor Vask"], "answer": i}) + "\n" for i in range(2)))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    config = {
+        "out": str(tmp_path / "study"), "model": str(tiny_model_dir), "results_dir": str(tmp_path / "docs"),
+        "train": {"max_steps": 1, "precision": "fp32", "teacher_dtype": "fp32", "max_length": 128},
+        "eval": {"tasks": "knowledge,drift,doc_kl", "knowledge_parts": "loglik", "batch_size": 4, "chat_prompts": str(chat)},
+        "domains": {"news": {"corpus": str(corpus_file), "probes": str(probes), "methods": ["ft", "disc_all"], "lrs": [1e-3],
+                             "method_overrides": {"ft": {"seeds": [1, 2]}, "disc_all": {"method": "disc", "split_strategy": "all_sentences"}}}},
+        "continual": {"corpus": str(corpus_file), "probes": str(probes), "rounds": 2, "methods": {"disc": {"lr": 1e-3}, "ft": {"lr": 1e-3}}},
+    }
+    config.update(extra)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_continual_rounds_cut_the_corpus_in_order_into_near_equal_batches():
+    assert continual_rounds(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(CtxDistillError, match="cannot fill"):
+        continual_rounds([1], 2)
+
+
+def test_interpolation_reads_a_curve_where_it_first_reaches_the_target():
+    curve = [(20.0, 40.0), (30.0, 38.0), (40.0, 30.0)]
+    assert interpolate_at(curve, 25.0) == pytest.approx(39.0)
+    assert interpolate_at(curve, 35.0) == pytest.approx(34.0)
+    assert interpolate_at(curve, 45.0) is None
+
+
+def test_probe_round_accuracy_groups_item_scores_by_round():
+    evaluation = {"item_scores": {"knowledge.mcq_loglik": [1.0, 0.0, 1.0]}, "tasks": {"knowledge": {"ids": ["a", "b", "c"]}}}
+    acc = probe_round_accuracy(evaluation, {"a": 1, "b": 1, "c": 2})
+    assert acc[1]["value"] == 0.5 and acc[1]["n"] == 2 and acc[2]["value"] == 1.0
+
+
+def test_study_config_errors(tmp_path, tiny_model_dir, corpus_file):
+    with pytest.raises(CtxDistillError, match="unknown method"):
+        load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, domains={"news": {"methods": ["magic"]}}))).validate()
+    with pytest.raises(CtxDistillError, match="unknown key"):
+        load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, domains={"news": {"methodz": ["ft"]}}))).validate()
+    with pytest.raises(CtxDistillError, match="rounds must be >= 2"):
+        load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, continual={"rounds": 1, "methods": {"ft": {}}}))).validate()
+
+
+def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tmp_path, tiny_model_dir, corpus_file, monkeypatch, short_preset):
+    quiet = dict(log=lambda *_: None, progress=False)
+    cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file)))
+    run_study(cfg, **quiet)
+    summary = json.loads((tmp_path / "docs" / "results" / "study_summary.json").read_text())
+    runs = summary["domains"]["news"]["runs"]
+    assert sorted(r["run"]["name"] for r in runs) == ["disc_all_lr0.001_s1234", "ft_lr0.001_s1", "ft_lr0.001_s2"]
+    disc_all = next(r for r in runs if r["run"]["method"] == "disc_all")
+    assert disc_all["run"]["base_method"] == "disc" and disc_all["run"]["train"]["split_strategy"] == "all_sentences"
+    assert "knowledge.mcq_loglik" in disc_all["metrics"] and "knowledge.mcq_sampled" not in disc_all["metrics"]
+    cont = summary["continual"]
+    assert cont["layout"]["round_docs"] == [["doc-0"], ["doc-1"]] and [len(v) for v in cont["methods"].values()] == [2, 2]
+    # round 2 starts from round 1's model
+    run2 = json.loads((tmp_path / "study" / "continual" / "disc" / "round2" / "run.json").read_text())
+    assert run2["config"]["model"].endswith("continual/disc/round1/model")
+    text = (tmp_path / "docs" / "results.md").read_text()
+    for heading in ("## Domain: news", "### Each method at its CP learning rate", "## Continual updates", "### Every run (news)"):
+        assert heading in text
+    assert (tmp_path / "docs" / "results" / "frontier_news.png").is_file() and (tmp_path / "docs" / "results" / "continual.png").is_file()
+
+    # Resume: nothing trains again.
+    import ctxdistill.train
+
+    monkeypatch.setattr(ctxdistill.train, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    run_study(cfg, **quiet)
+
+    # --report-only rebuilds results.md from the summary alone (the run directories may be gone).
+    import shutil
+
+    shutil.rmtree(tmp_path / "study")
+    (tmp_path / "docs" / "results.md").unlink()
+    only = load_study_config(None, {"report_only": True, "results_dir": str(tmp_path / "docs")})
+    run_study(only, **quiet)
+    assert (tmp_path / "docs" / "results.md").read_text() == text
