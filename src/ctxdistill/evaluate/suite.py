@@ -80,6 +80,7 @@ class EvalConfig:
     mcq_top_p: float = opt(1.0, "top-p for multiple-choice probes")
     mcq_template: str = opt("paper", "paper: reasoning in <think>, letter in <answer>; direct: letter only", ("paper", "direct"))
     n_probes: int = opt(0, "probes answered by sampling (0 = preset, -1 = all)")
+    n_probes_loglik: int = opt(0, "probes scored by option log-likelihood (0 = preset, -1 = all)")
     n_ifeval: int = opt(0, "IFEval prompts (0 = preset, -1 = all 541)")
     n_gsm8k: int = opt(0, "GSM8K test problems (0 = preset, -1 = all 1319)")
     n_humaneval: int = opt(0, "HumanEval problems (0 = preset, -1 = all 164)")
@@ -130,7 +131,7 @@ class EvalConfig:
 
     def preset(self) -> dict:
         p = dict(PRESETS[self.suite])
-        for key, field_name in (("probes_sampled", "n_probes"), ("ifeval", "n_ifeval"), ("gsm8k", "n_gsm8k"), ("humaneval", "n_humaneval"),
+        for key, field_name in (("probes_sampled", "n_probes"), ("probes_loglik", "n_probes_loglik"), ("ifeval", "n_ifeval"), ("gsm8k", "n_gsm8k"), ("humaneval", "n_humaneval"),
                                 ("nq_open", "n_nq_open"), ("mmlu", "n_mmlu"), ("pubmedqa", "n_pubmedqa"),
                                 ("ifeval_max_new_tokens", "ifeval_max_new_tokens"), ("gsm8k_max_new_tokens", "gsm8k_max_new_tokens"),
                                 ("humaneval_max_new_tokens", "humaneval_max_new_tokens")):
