@@ -94,3 +94,16 @@ def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tm
     only = load_study_config(None, {"report_only": True, "results_dir": str(tmp_path / "docs")})
     run_study(only, **quiet)
     assert (tmp_path / "docs" / "results.md").read_text() == text
+
+
+def test_shards_split_the_plan_and_together_cover_it(tmp_path, tiny_model_dir, corpus_file):
+    from ctxdistill.sweep import SweepConfig
+
+    cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file))).validate()
+    whole = cfg.sweep_config("news").plan()
+    parts = [load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, shard=f"{i}/2"))).sweep_config("news").plan() for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(whole) and not set(parts[0]) & set(parts[1])
+    with pytest.raises(CtxDistillError, match="i/n"):
+        SweepConfig(shard="two").shard_of()
+    with pytest.raises(CtxDistillError, match="0..n-1"):
+        SweepConfig(shard="2/2").shard_of()

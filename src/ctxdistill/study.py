@@ -35,10 +35,13 @@ class StudyConfig:
     out: str = opt("runs/study", "study directory: one sweep per domain, continual/, study_summary.json")
     model: str = opt(DEFAULT_MODEL, "the initial (post-trained) model every run starts from")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    shard: str = opt("", "i/n: run every n-th run from the i-th in this process (see `ctxdistill sweep --shard`); afterwards one "
+                         "unsharded call (everything is finished, so it only summarises) writes the summary and results.md")
     train: dict = _dict("TrainConfig options shared by every run (a domain's own `train:` adds to them)")
     eval: dict = _dict("EvalConfig options shared by every evaluation (a domain's own `eval:` adds to them)")
     domains: dict = _dict("name -> sweep: corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, lrs, seeds, method_overrides, train, eval")
     continual: dict = _dict("corpus, probes, rounds, methods: {name: {method, lr, ...TrainConfig options}}, train, eval; empty = skip")
+    stages: list = field(default_factory=list, metadata={"help": "order of the stages: domain names and `continual` (default: every domain, then continual)", "choices": None})
     domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
     results_dir: str = opt("", "where results.md, results/*.png and results/study_summary.json go (default: OUT)")
@@ -55,6 +58,7 @@ class StudyConfig:
             if not isinstance(domain, dict):
                 raise CtxDistillError(f"domains.{name} must be a mapping (corpus, probes, methods, lrs, ...)")
             self.sweep_config(name).validate()
+        self.stage_order()
         if self.continual:
             rounds = int(self.continual.get("rounds", 3))
             if rounds < 2:
@@ -62,6 +66,19 @@ class StudyConfig:
             if not self.continual.get("methods"):
                 raise CtxDistillError("continual.methods is empty; e.g. {disc: {lr: 1.0e-4}, ft: {lr: 1.0e-4}}")
         return self
+
+    def stage_order(self) -> list[str]:
+        everything = list(self.domains) + (["continual"] if self.continual else [])
+        if not self.stages:
+            return everything
+        if sorted(self.stages) != sorted(everything):
+            raise CtxDistillError(f"stages {self.stages} must list each of {everything} once")
+        return list(self.stages)
+
+    def sweep_shard(self) -> tuple[int, int]:
+        from .sweep import SweepConfig
+
+        return SweepConfig(shard=self.shard).shard_of()
 
     def results_path(self) -> Path:
         return Path(self.results_dir or self.out)
@@ -98,7 +115,7 @@ class StudyConfig:
             "methods": domain.get("methods", ["ft", "disc"]), "lrs": domain.get("lrs", [1e-5, 3e-5]), "seeds": domain.get("seeds", [1234]),
             "train": dict(self.train) | dict(domain.get("train", {})), "eval": dict(self.eval) | dict(domain.get("eval", {})),
             "method_overrides": {k: dict(v) for k, v in domain.get("method_overrides", {}).items()},
-            "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold,
+            "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold, "shard": self.shard,
         }
         unknown = set(domain) - {"corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides"}
         if unknown:
@@ -175,6 +192,11 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
     (root / "rounds.json").write_text(json.dumps(layout, indent=2) + "\n", encoding="utf-8")
     eval_values = dict(cfg.eval) | dict(spec.get("eval", {})) | {"probes": str(data / "probes.jsonl"), "overwrite": True}
     baseline_dir = root / "baseline"
+    shard, shards = cfg.sweep_shard()
+    if shard > 0:
+        from .sweep import wait_for
+
+        wait_for(baseline_dir / "eval.json", log)
     tokenizer = load_tokenizer(cfg.model)
     device = resolve_device(dict(cfg.train).get("device", "auto"))
     initial = load_model(cfg.model, dtype=torch.float32).to(device)
@@ -184,7 +206,7 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
                        run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
     responses = load_responses(baseline_dir / "reference_responses.jsonl") if (baseline_dir / "reference_responses.jsonl").is_file() else None
 
-    for name, options in spec["methods"].items():
+    for name, options in list(spec["methods"].items())[shard::shards]:
         options = dict(options)
         model_path = cfg.model
         for r in range(1, layout["rounds"] + 1):
@@ -257,8 +279,7 @@ def summarise(cfg: StudyConfig) -> dict:
                     rounds.append(trim_eval(_read(path)))
             cont["methods"][name] = rounds
         summary["continual"] = cont
-    timings = _read(out / "timings.json") if (out / "timings.json").is_file() else {}
-    summary["timings_s"] = timings
+    summary["timings_s"] = {path.stem: _read(path) for path in sorted(out.glob("timings*.json"))}
     return summary
 
 
@@ -280,7 +301,8 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
+    shard, shards = cfg.sweep_shard()
+    timings_path = out / ("timings.json" if shards == 1 else f"timings.shard{shard}of{shards}.json")
     timings = _read(timings_path) if timings_path.is_file() else {}
 
     def timed(stage: str, fn):
@@ -289,12 +311,16 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)  # summed over resumed sessions
         timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
 
-    for name in cfg.domains:
-        log(f"study: domain {name}")
-        cfg.build_domain_data(name, log=log)
-        timed(f"domain:{name}", lambda: run_sweep(cfg.sweep_config(name), log=log, progress=progress))
-    if cfg.continual:
-        timed("continual", lambda: run_continual(cfg, log=log, progress=progress))
+    for stage in cfg.stage_order():
+        if stage == "continual":
+            timed("continual", lambda: run_continual(cfg, log=log, progress=progress))
+            continue
+        log(f"study: domain {stage}")
+        cfg.build_domain_data(stage, log=log)
+        timed(f"domain:{stage}", lambda: run_sweep(cfg.sweep_config(stage), log=log, progress=progress))
+    if shards > 1:
+        log(f"study: shard {shard}/{shards} finished; when every shard has, run the study once without --shard to write the summary")
+        return {"results": None, "shard": cfg.shard}
     summary = summarise(cfg)
     results = cfg.results_path()
     (results / "results").mkdir(parents=True, exist_ok=True)

@@ -251,13 +251,16 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     threshold = float(summary.get("cp_threshold", 5.0))
     env = summary.get("environment", {})
     timings = summary.get("timings_s", {})
-    total = sum(v for v in timings.values() if isinstance(v, (int, float)))
+    sums = {name: sum(v for v in stages.values() if isinstance(v, (int, float))) for name, stages in timings.items()}
+    shards = [v for k, v in sums.items() if ".shard" in k]
+    total = (max(shards) if shards else 0.0) + sum(v for k, v in sums.items() if ".shard" not in k)  # shards ran side by side
     lines = ["# ctxdistill study: DiSC against the baselines", "",
              "Written by `ctxdistill study --config configs/study.yaml` from `docs/results/study_summary.json` "
              "(rebuild without training: `ctxdistill study --report-only --results-dir docs --reading docs/results_reading.md`).", "",
              f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch threads, torch {env.get('torch', '?')}, "
              f"CUDA {'yes' if env.get('cuda') else 'no'}. Wall time by stage: "
-             + (", ".join(f"{k} {v / 60:.0f} min" for k, v in timings.items()) + f"; total {total / 60:.0f} min." if timings else "not recorded."), ""]
+             + ("; ".join(f"{name}: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()) for name, stages in timings.items())
+                + f"; wall time in all {total / 60:.0f} min (processes running side by side counted once)." if timings else "not recorded."), ""]
     if reading and Path(reading).is_file():
         lines += ["## Reading", "", Path(reading).read_text(encoding="utf-8").strip(), ""]
     extra = {}

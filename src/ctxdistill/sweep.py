@@ -51,6 +51,8 @@ class SweepConfig:
     report: bool = opt(True, "write report.md and the plots when the sweep ends")
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
     threads: int = opt(0, "CPU threads for torch during training and evaluation (0 = torch's default; 1 on a busy shared CPU)")
+    shard: str = opt("", "i/n: this process runs every n-th run of the plan from the i-th (0-based); start n processes with "
+                         "i = 0..n-1 on the same `out` (shard 0 evaluates the baseline, the others wait for it)")
 
     def validate(self) -> "SweepConfig":
         from .config import METHOD_NAMES
@@ -62,13 +64,13 @@ class SweepConfig:
             raise CtxDistillError("lrs must be numbers and seeds integers, e.g. lrs: [1.0e-5, 3.0e-5], seeds: [1234]") from None
         if not self.methods or not self.lrs or not self.seeds:
             raise CtxDistillError("a sweep needs at least one method, one learning rate and one seed")
-        bad = [m for m in self.method_overrides if m not in self.methods]
-        if bad:
-            raise CtxDistillError(f"method_overrides names {', '.join(bad)}, which is not in methods ({', '.join(self.methods)})")
         unknown = [m for m in self.methods if self.base_method(m) not in METHOD_NAMES]
         if unknown:
             raise CtxDistillError(f"unknown method(s) {', '.join(map(str, unknown))}; choose from: {', '.join(METHOD_NAMES)}, "
                                   "or name a variant in method_overrides with `method:` set")
+        bad = [m for m in self.method_overrides if m not in self.methods]
+        if bad:
+            raise CtxDistillError(f"method_overrides names {', '.join(bad)}, which is not in methods ({', '.join(self.methods)})")
         reserved = {"method", "lr", "seed", "out", "model", "corpus", "overwrite", "save_model"} & set(self.train)
         if reserved:
             raise CtxDistillError(f"train: {', '.join(sorted(reserved))} are set by the sweep itself; use the top-level keys (methods, lrs, seeds, model, corpus)")
@@ -81,7 +83,20 @@ class SweepConfig:
         for method in self.methods:  # type-check every run's TrainConfig before anything trains
             self.train_config(method, self.lrs_of(method)[0], self.seeds_of(method)[0])
         self.eval_config("baseline")
+        self.shard_of()
         return self
+
+    def shard_of(self) -> tuple[int, int]:
+        """(i, n) from `shard` ("" = (0, 1))."""
+        if not self.shard:
+            return 0, 1
+        try:
+            i, n = (int(x) for x in self.shard.split("/"))
+        except ValueError:
+            raise CtxDistillError(f"shard {self.shard!r} must look like i/n, e.g. 0/2 and 1/2 for two processes") from None
+        if not 0 <= i < n:
+            raise CtxDistillError(f"shard {self.shard!r}: i must be in 0..n-1")
+        return i, n
 
     def run_name(self, method: str, lr: float, seed: int) -> str:
         return f"{method}_lr{lr:g}_s{seed}"
@@ -97,7 +112,10 @@ class SweepConfig:
         return self.method_overrides.get(name, {}).get("seeds", self.seeds)
 
     def plan(self) -> list[tuple[str, float, int]]:
-        return [(m, lr, s) for m in self.methods for lr in self.lrs_of(m) for s in self.seeds_of(m)]
+        """Every (method, lr, seed) of the sweep, or this shard's share of them."""
+        everything = [(m, lr, s) for m in self.methods for lr in self.lrs_of(m) for s in self.seeds_of(m)]
+        i, n = self.shard_of()
+        return everything[i::n]
 
     def train_config(self, method: str, lr: float, seed: int) -> TrainConfig:
         overrides = {k: v for k, v in self.method_overrides.get(method, {}).items() if k not in ("method", "lrs", "seeds")}
@@ -130,6 +148,18 @@ def _finished(run_dir: Path, method: str, lr: float, seed: int) -> bool:
     return run.get("method") == method and run.get("seed") == seed and abs(float(run.get("lr", -1)) - lr) <= 1e-12 * max(lr, 1)
 
 
+def wait_for(path: Path, log=print, poll_s: float = 10.0, timeout_s: float = 3 * 3600) -> None:
+    """Block until another process (shard 0) has written `path`."""
+    waited = 0.0
+    while not path.is_file():
+        if waited == 0:
+            log(f"sweep: waiting for {path} (written by shard 0)")
+        if waited >= timeout_s:
+            raise CtxDistillError(f"{path} did not appear in {timeout_s / 3600:g} h; is shard 0 running?")
+        time.sleep(poll_s)
+        waited += poll_s
+
+
 def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
     import torch
 
@@ -147,13 +177,18 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
     status = {"config": to_dict(cfg), "runs": {}}
     started = time.perf_counter()
 
+    shard, shards = cfg.shard_of()
+    status_name = "sweep.json" if shards == 1 else f"sweep.shard{shard}of{shards}.json"
+
     def save_status():
-        (out / "sweep.json").write_text(json.dumps(status, indent=2, default=str) + "\n", encoding="utf-8")
+        (out / status_name).write_text(json.dumps(status, indent=2, default=str) + "\n", encoding="utf-8")
 
     baseline_cfg = cfg.eval_config("baseline")
     device = resolve_device(cfg.train_config(*plan[0]).device)
     tokenizer = load_tokenizer(cfg.model)
     initial = None
+    if shard > 0:
+        wait_for(out / "baseline" / "eval.json", log)
     if not (out / "baseline" / "eval.json").is_file():
         log(f"sweep: evaluating the initial model {cfg.model} (baseline)")
         initial = load_model(cfg.model, dtype=torch.float32).to(device)
@@ -189,7 +224,7 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
         gc.collect()
     status["total_s"] = round(time.perf_counter() - started, 1)
     save_status()
-    if cfg.report:
+    if cfg.report and shards == 1:
         from .report import ReportConfig, write_report
 
         paths = write_report(ReportConfig(runs_dir=str(out), cp_threshold=cfg.cp_threshold))

@@ -71,6 +71,7 @@ class EvalConfig:
     reference_responses: str = opt("", "the reference's greedy chat replies (a reference_responses.jsonl); generated when empty")
     corpus: str = opt("", "training documents for the per-token KL (needs --reference); empty = skip")
     text_field: str = opt("text", "JSONL field holding the document text (for --corpus)")
+    doc_kl_docs: int = opt(0, "documents of --corpus the per-token KL reads (0 = all; else a seeded subset of this size)")
     chat_prompts: str = opt("", "held-out chat prompts JSONL ({'prompt': ...}); empty = the bundled ones")
     seed: int = opt(1234, "seed for subsets and sampling")
     knowledge_parts: str = opt("loglik,sampled,short", "knowledge scores to compute (comma-separated): loglik (option log-likelihood), "
@@ -294,7 +295,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         with timer("doc_kl"):
             from ..corpus import load_corpus
 
+            from .data import seeded_subset
+
             documents, _ = load_corpus(cfg.corpus, cfg.text_field)
+            documents = [r["doc"] for r in seeded_subset([{"id": d.id, "doc": d} for d in documents], max(cfg.doc_kl_docs, 0), seed)]
             kl = document_kl(reference_model, model, tokenizer, [d.text for d in documents], preset["doc_max_length"], scoring)
             result = {"metrics": {"doc_kl": {k: kl[k] for k in ("value", "stderr", "n")}, "doc_kl_bits": {"value": kl["bits_per_token"], "stderr": kl["stderr"] / math.log(2), "n": kl["n"]}},
                       "item_scores": {"doc_kl": kl["item_scores"]},
