@@ -67,6 +67,11 @@ class StudyConfig:
                 raise CtxDistillError("continual.methods is empty; e.g. {disc: {lr: 1.0e-4}, ft: {lr: 1.0e-4}}")
         return self
 
+    def sweep_dir(self, name: str) -> str:
+        """A domain's directory under OUT: its name, or `sweep_dir:` to add runs to another domain's sweep
+        (a later stage with more seeds or variants, reported in the same tables)."""
+        return self.domains[name].get("sweep_dir", name)
+
     def stage_order(self) -> list[str]:
         everything = list(self.domains) + (["continual"] if self.continual else [])
         if not self.stages:
@@ -91,7 +96,7 @@ class StudyConfig:
             return domain.get("corpus", "bundled:news_updates"), domain.get("probes", "bundled:news_updates_probes")
         if build.get("dataset") != "pubmedqa":
             raise CtxDistillError(f"domains.{name}.build.dataset must be pubmedqa (the only built domain so far)")
-        target = Path(self.out) / "data" / name
+        target = Path(self.out) / "data" / self.sweep_dir(name)
         return str(target / "corpus.jsonl"), str(target / "probes.jsonl")
 
     def build_domain_data(self, name: str, log=print) -> None:
@@ -111,13 +116,13 @@ class StudyConfig:
         domain = dict(self.domains[name])
         corpus, probes = self.domain_data(name)
         values = {
-            "out": str(Path(self.out) / name), "model": self.model, "corpus": corpus, "probes": probes,
+            "out": str(Path(self.out) / self.sweep_dir(name)), "model": self.model, "corpus": corpus, "probes": probes,
             "methods": domain.get("methods", ["ft", "disc"]), "lrs": domain.get("lrs", [1e-5, 3e-5]), "seeds": domain.get("seeds", [1234]),
             "train": dict(self.train) | dict(domain.get("train", {})), "eval": dict(self.eval) | dict(domain.get("eval", {})),
             "method_overrides": {k: dict(v) for k, v in domain.get("method_overrides", {}).items()},
             "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold, "shard": self.shard,
         }
-        unknown = set(domain) - {"corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides"}
+        unknown = set(domain) - {"corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides", "sweep_dir"}
         if unknown:
             raise CtxDistillError(f"domains.{name}: unknown key(s) {', '.join(sorted(unknown))}")
         return build_config(SweepConfig, None, values)
@@ -259,7 +264,7 @@ def summarise(cfg: StudyConfig) -> dict:
                "environment": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
                                "torch": torch.__version__, "threads": cfg.threads or torch.get_num_threads(), "cuda": torch.cuda.is_available()},
                "domains": {}, "continual": None}
-    for name in cfg.domains:
+    for name in dict.fromkeys(cfg.sweep_dir(d) for d in cfg.domains):
         root = out / name
         base = root / "baseline" / "eval.json"
         runs = sorted((root / "runs").glob("*/eval.json"))
