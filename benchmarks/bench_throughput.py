@@ -6,7 +6,15 @@ Each variant trains the same documents (one document per optimizer step, bf16 au
 weights) in its own process; throughput is measured after `--warmup` steps. Also reported: the loss
 agreement of the default path with the per-split reference (fp32, first documents, identical weights),
 the teacher cache's size and build time, and the top-k + tail KL's gap to the full-vocabulary KL.
-On a GPU machine, `--random-init qwen2.5-1.5b` measures a random-init model of that shape instead.
+On a GPU machine, `--random-init qwen2.5-1.5b` measures a random-init model of that shape instead, and
+`--synthetic-docs` trains on documents of random token ids (lengths in `--doc-tokens`, cut into
+sentence-like segments of `--sentence-tokens`) fed to the real training loop in place of a text corpus:
+
+    python benchmarks/bench_throughput.py --random-init qwen2.5-1.5b --synthetic-docs --device cuda \
+        --variants ft,disc_reference,disc,disc_all_sentences --docs 24 --warmup 4 --out benchmarks/results/throughput_h100.json
+
+Variants beyond the four above: `disc_all_sentences` (DiSC with `--split-strategy all_sentences`: every
+sentence but the first is a suffix), `ft_compile` and `disc_compile` (`--compile`).
 """
 
 from __future__ import annotations
@@ -18,30 +26,57 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_memory_mb, run_child, write_result  # noqa: E402
+from common import (SHAPES, minimal_tokenizer, parse_range, peak_memory_mb, random_model, run_child,  # noqa: E402
+                    synthetic_documents, write_result)
 
-SHAPES = {  # real model shapes for random-init runs (hidden, intermediate, layers, heads, kv heads, vocab)
-    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936),
-    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
-    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064),
-}
-VARIANTS = ("ft", "disc_reference", "disc", "disc_cache")
+VARIANTS = ("ft", "disc_reference", "disc", "disc_cache", "disc_all_sentences", "ft_compile", "disc_compile")
+DEFAULT_VARIANTS = ("ft", "disc_reference", "disc", "disc_cache")
 
 
-def random_init_model(shape: str, out_dir: Path) -> str:
-    """Save a random-init Qwen2 of a real shape (weights cannot travel; shapes can) with the SmolLM2 tokenizer."""
+def random_init_model(shape: str, out_dir: Path, synthetic: bool) -> str:
+    """Save a random-init Qwen2 of a real shape (weights cannot travel; shapes can), in bf16 (training loads
+    fp32 master weights from it, exactly), with the SmolLM2 tokenizer, or a pad/eos-only one for token-id
+    documents. Built on the GPU when there is one."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ctxdistill.models import load_tokenizer
 
-    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=32768, tie_word_embeddings=shape != "qwen2.5-7b")
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out_dir)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(out_dir)
+    model = random_model(shape, "cuda" if torch.cuda.is_available() else "cpu")
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    (minimal_tokenizer() if synthetic else load_tokenizer("smollm2-135m-instruct")).save_pretrained(out_dir)
     return str(out_dir)
+
+
+def use_synthetic_documents(args) -> None:
+    """Make `train()` read random-token documents (see common.synthetic_documents) instead of a corpus:
+    the methods' load/prepare are replaced, everything after them (plan, loss, step) is the real code."""
+    from transformers import AutoConfig
+
+    import ctxdistill.train as train_module
+    from ctxdistill.corpus import CorpusReport, Document
+    from ctxdistill.methods import PreparedCorpus, get_method
+    from ctxdistill.methods.ft import TokenExample
+
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    docs = synthetic_documents(args.warmup + args.docs, vocab, parse_range(args.doc_tokens), parse_range(args.sentence_tokens))
+
+    def synthetic_method(name):
+        method = get_method(name)
+
+        def load(cfg):
+            return [Document(d.doc_id, "") for d in docs], CorpusReport(read=len(docs), kept=len(docs))
+
+        def prepare(documents, tokenizer, cfg, **kwargs):
+            examples = [TokenExample(d.doc_id, tuple(d.token_ids)) for d in docs] if name == "ft" else list(docs)
+            return PreparedCorpus(examples)
+
+        method.load, method.prepare = load, prepare
+        return method
+
+    train_module.get_method = synthetic_method
 
 
 def subset_corpus(n_docs: int, path: Path) -> str:
@@ -61,11 +96,19 @@ def child(args) -> dict:
     from ctxdistill.train import resolve_device, train
 
     work = Path(args.work)
+    if args.synthetic_docs:
+        if args.variant == "disc_cache":
+            raise SystemExit("disc_cache reads a text corpus; not available with --synthetic-docs")
+        use_synthetic_documents(args)
     base = dict(model=args.model, corpus=args.corpus, lr=1e-5, epochs=args.epochs, max_steps=args.warmup + args.docs,
                 save_model=False, overwrite=True, seed=0, device=args.device, split_strategy=args.split_strategy)
     result = {"variant": args.variant}
-    if args.variant == "ft":
-        cfg = TrainConfig(method="ft", out=str(work / "ft"), **base)
+    if args.variant in ("ft", "ft_compile"):
+        cfg = TrainConfig(method="ft", out=str(work / args.variant), compile=args.variant == "ft_compile", **base)
+    elif args.variant == "disc_all_sentences":
+        cfg = TrainConfig(method="disc", out=str(work / args.variant), **(base | {"split_strategy": "all_sentences"}))
+    elif args.variant == "disc_compile":
+        cfg = TrainConfig(method="disc", out=str(work / args.variant), compile=True, **base)
     elif args.variant == "disc_reference":
         cfg = TrainConfig(method="disc", teacher_mode="per_split", out=str(work / "ref"), **base)
     elif args.variant == "disc":
@@ -79,16 +122,66 @@ def child(args) -> dict:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    summary = train(cfg, progress=False, log=lambda *_: None).summary
+    if args.profile:
+        trained = profiled_train(cfg, args)
+    else:
+        trained = train(cfg, progress=False, log=lambda *_: None)
+    summary = trained.summary
+    result["parameters"] = sum(p.numel() for p in trained.model.parameters())
+    result["split_strategy"] = cfg.split_strategy
+    result["compile"] = cfg.compile
     steps = [json.loads(line) for line in (Path(cfg.out) / "losses.jsonl").read_text().splitlines()]
     timed = steps[args.warmup :]
     seconds = timed[-1]["elapsed_s"] - steps[args.warmup - 1]["elapsed_s"] if args.warmup else timed[-1]["elapsed_s"]
     tokens = sum(s["tokens"] for s in timed)
     result |= {"steps_timed": len(timed), "seconds": round(seconds, 3), "documents_per_s": len(timed) / seconds,
+               "step_s_median": sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps[args.warmup - 1 :], timed))[len(timed) // 2]
+               if args.warmup else None,
                "student_tokens_per_s": tokens / seconds, "student_tokens": tokens,
                "teacher_tokens_per_s": summary["counts"]["teacher_tokens"] * len(timed) / len(steps) / seconds,
                "peak_memory_mb": round(peak_memory_mb(device), 1), "memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS"}
     return result
+
+
+def profiled_train(cfg, args):
+    """train() with the steps after the warm-up under cProfile (where the host's time goes, waits for
+    the GPU included) and 3 of them under the torch profiler (device time by kernel); both tables are
+    written to `--profile`."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    import ctxdistill.train as train_module
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=args.warmup, warmup=1, active=3, repeat=1))
+    profiler, done = cProfile.Profile(), [0]
+    original = train_module.Loop.step
+
+    def step(self, group, epoch):
+        timed = done[0] >= args.warmup
+        if timed:
+            profiler.enable()
+        record = original(self, group, epoch)
+        if timed:
+            profiler.disable()
+        done[0] += 1
+        prof.step()
+        return record
+
+    train_module.Loop.step = step
+    with prof:
+        trained = train_module.train(cfg, progress=False, log=lambda *_: None)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    Path(args.profile).write_text(f"# {args.variant}: torch profiler, 3 steps after {args.warmup + 1} unprofiled steps\n{table}\n"
+                                  f"# cProfile of the steps after the {args.warmup} warm-up steps, by own time\n{text.getvalue()}")
+    return trained
 
 
 def loss_agreement(model: str, corpus: str, n_docs: int = 4) -> dict:
@@ -152,7 +245,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--random-init", choices=sorted(SHAPES), help="benchmark a random-init model of this shape")
     parser.add_argument("--corpus")
@@ -162,6 +255,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--split-strategy", default="sentence_boundary")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--synthetic-docs", action="store_true", help="documents of random token ids instead of the bundled articles")
+    parser.add_argument("--doc-tokens", default="512-2048", help="with --synthetic-docs: document length range")
+    parser.add_argument("--sentence-tokens", default="8-48", help="with --synthetic-docs: sentence-like segment length range")
+    parser.add_argument("--child-timeout", type=int, default=3600, help="seconds per variant; a variant that fails or runs over is recorded as an error")
+    parser.add_argument("--profile", help=argparse.SUPPRESS)  # child: write the profile tables to this file
+    parser.add_argument("--profile-dir", help="profile each variant (cProfile + torch profiler) into DIR/profile_VARIANT.txt; "
+                                              "profiling slows the steps, so time without it")
     parser.add_argument("--work")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
@@ -169,26 +269,53 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
+    settings = {"model": args.random_init or args.model, "docs": args.docs, "warmup": args.warmup, "precision": "bf16 autocast, fp32 master weights",
+                "teacher_dtype": "bf16", "optimizer": "AdamW fused", "split_strategy": args.split_strategy, "docs_per_step": 1, "k": args.k,
+                "device": args.device,
+                "documents": (f"random token ids, {args.doc_tokens} tokens, sentence-like segments of {args.sentence_tokens} tokens"
+                              if args.synthetic_docs else "bundled news_updates articles")}
+    if args.random_init:
+        from common import shape_config
+
+        settings["shape"] = shape_config(args.random_init).to_diff_dict() | {"name": args.random_init}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = random_init_model(args.random_init, work / "model") if args.random_init else args.model
+        model = random_init_model(args.random_init, work / "model", args.synthetic_docs) if args.random_init else args.model
         corpus = subset_corpus(args.docs + args.warmup, work / "corpus.jsonl")
         common = ["--model", model, "--corpus", corpus, "--docs", str(args.docs), "--warmup", str(args.warmup), "--epochs", "1",
-                  "--k", str(args.k), "--device", args.device, "--work", str(work), "--split-strategy", args.split_strategy]
-        results = {v: run_child(__file__, ["--variant", v, *common]) for v in args.variants.split(",")}
-        ratios = {}
-        if "disc" in results and "disc_reference" in results:
-            ratios["disc_vs_reference_documents_per_s"] = results["disc"]["documents_per_s"] / results["disc_reference"]["documents_per_s"]
-        if "ft" in results:
-            for v in ("disc", "disc_cache"):
-                if v in results:
-                    ratios[f"{v}_vs_ft_student_tokens_per_s"] = results[v]["student_tokens_per_s"] / results["ft"]["student_tokens_per_s"]
+                  "--k", str(args.k), "--device", args.device, "--work", str(work), "--split-strategy", args.split_strategy,
+                  "--doc-tokens", args.doc_tokens, "--sentence-tokens", args.sentence_tokens] + (["--synthetic-docs"] if args.synthetic_docs else [])
+        results = {}
+        for v in args.variants.split(","):  # the JSON is rewritten after each variant, so a cut-off run keeps what it measured
+            try:
+                profile = ["--profile", str(Path(args.profile_dir).resolve() / f"profile_{v}.txt")] if args.profile_dir else []
+                results[v] = run_child(__file__, ["--variant", v, *common, *profile], timeout=args.child_timeout)
+            except Exception as exc:  # noqa: BLE001  (recorded, the other variants still run)
+                results[v] = {"variant": v, "error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+            print(f"{v}: {json.dumps(results[v])}", file=sys.stderr, flush=True)
+            ratios = compute_ratios(results)
+            write_result(args.out, "throughput", {"settings": settings, "variants": results, "ratios": ratios}, echo=False)
         extra = {}
         if not args.random_init:
             extra = {"loss_agreement": loss_agreement(model, corpus), "topk_gap": topk_gap(model, corpus)}
-    settings = {"model": args.random_init or args.model, "docs": args.docs, "warmup": args.warmup, "precision": "bf16 autocast, fp32 master weights",
-                "split_strategy": args.split_strategy, "docs_per_step": 1, "k": args.k, "device": args.device}
-    write_result(args.out, "throughput", {"settings": settings, "variants": results, "ratios": ratios, **extra})
+    write_result(args.out, "throughput", {"settings": settings, "variants": results, "ratios": compute_ratios(results), **extra})
+
+
+def compute_ratios(results: dict) -> dict:
+    ok = {v: r for v, r in results.items() if "error" not in r}
+    ratios = {}
+    if "disc" in ok and "disc_reference" in ok:
+        ratios["disc_vs_reference_documents_per_s"] = ok["disc"]["documents_per_s"] / ok["disc_reference"]["documents_per_s"]
+    if "ft" in ok:
+        for v in ("disc", "disc_cache", "disc_all_sentences"):
+            if v in ok:
+                ratios[f"{v}_vs_ft_student_tokens_per_s"] = ok[v]["student_tokens_per_s"] / ok["ft"]["student_tokens_per_s"]
+        # FT's model FLOP rate in training, optimizer step included: 6 * parameters * trained tokens per second
+        ratios["ft_training_tflops"] = 6 * ok["ft"]["parameters"] * ok["ft"]["student_tokens_per_s"] / 1e12
+    for plain, compiled in (("ft", "ft_compile"), ("disc", "disc_compile")):
+        if plain in ok and compiled in ok:
+            ratios[f"{compiled}_vs_{plain}_documents_per_s"] = ok[compiled]["documents_per_s"] / ok[plain]["documents_per_s"]
+    return ratios
 
 
 if __name__ == "__main__":

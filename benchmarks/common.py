@@ -28,9 +28,85 @@ def machine() -> dict:
         info["amx_bf16"] = "amx_bf16" in flags
     except (OSError, IndexError):
         pass
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(0)
+        info |= {"gpu": torch.cuda.get_device_name(), "gpu_memory_mb": props.total_memory // 2**20,
+                 "gpu_multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda}
     return info
+
+
+# Real model shapes for random-init runs (weights cannot travel; shapes can):
+# (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings)
+SHAPES = {
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "tiny": (64, 128, 2, 4, 2, 1000, True),  # smoke tests of the benchmarks on a CPU
+}
+
+
+def shape_config(shape: str, max_positions: int = 32768):
+    """transformers' Qwen2Config of a real Qwen2.5 shape."""
+    from transformers import Qwen2Config
+
+    hidden, inter, layers, heads, kv, vocab, tied = SHAPES[shape]
+    return Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=max_positions, tie_word_embeddings=tied)
+
+
+def random_model(shape: str, device, dtype=None, seed: int = 0):
+    """A random-init model of a real shape, built directly on `device` (AutoModelForCausalLM.from_config)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=dtype or torch.float32)
+    return model
+
+
+def minimal_tokenizer():
+    """A tokenizer with only pad/eos tokens, for runs that feed token ids directly (nothing is tokenised)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+def synthetic_documents(n: int, vocab: int, doc_tokens=(512, 2048), sentence_tokens=(8, 48), seed: int = 0) -> list:
+    """`n` documents of random token ids, lengths uniform in `doc_tokens`, cut into sentence-like segments
+    of lengths uniform in `sentence_tokens` (the last one takes the remainder): ctxdistill SegmentedDocs,
+    the form DiSC's prepare() produces, so the real training loop runs on them unchanged."""
+    import random
+
+    from ctxdistill.segment import SegmentedDoc
+
+    rng = random.Random(seed)
+    docs = []
+    for d in range(n):
+        length = rng.randint(*doc_tokens)
+        tokens = [rng.randrange(3, vocab) for _ in range(length)]
+        sentences, pos = [], 0
+        while pos < length:
+            size = rng.randint(*sentence_tokens)
+            if length - pos - size < sentence_tokens[0]:
+                size = length - pos
+            sentences.append(tuple(tokens[pos : pos + size]))
+            pos += size
+        docs.append(SegmentedDoc(f"synthetic-{d}", tuple(sentences)))
+    return docs
 
 
 def peak_rss_mb() -> float:
@@ -56,10 +132,11 @@ def run_child(script: str, args: list[str], timeout: int = 3600) -> dict:
     return result
 
 
-def write_result(path: str | None, name: str, result: dict) -> None:
+def write_result(path: str | None, name: str, result: dict, echo: bool = True) -> None:
     result = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
     text = json.dumps(result, indent=2)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")
-    print(text)
+    if echo:
+        print(text)
