@@ -75,6 +75,7 @@ def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tm
     # round 2 starts from round 1's model
     run2 = json.loads((tmp_path / "study" / "continual" / "disc" / "round2" / "run.json").read_text())
     assert run2["config"]["model"].endswith("continual/disc/round1/model")
+    assert summary["not_finished"] == []
     text = (tmp_path / "docs" / "results.md").read_text()
     for heading in ("## Domain: news", "### Each method at its CP learning rate", "## Continual updates", "### Every run (news)"):
         assert heading in text
@@ -107,3 +108,14 @@ def test_shards_split_the_plan_and_together_cover_it(tmp_path, tiny_model_dir, c
         SweepConfig(shard="two").shard_of()
     with pytest.raises(CtxDistillError, match="0..n-1"):
         SweepConfig(shard="2/2").shard_of()
+
+
+def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    import ctxdistill.train
+
+    monkeypatch.setattr(ctxdistill.train, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, summary_only=True)))
+    run_study(cfg, log=lambda *_: None, progress=False)
+    summary = json.loads((tmp_path / "docs" / "results" / "study_summary.json").read_text())
+    assert "news/ft_lr0.001_s1" in summary["not_finished"] and "continual/disc/round2" in summary["not_finished"]
+    assert "Not finished when this summary was written" in (tmp_path / "docs" / "results.md").read_text()

@@ -46,6 +46,7 @@ class StudyConfig:
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
     results_dir: str = opt("", "where results.md, results/*.png and results/study_summary.json go (default: OUT)")
     reading: str = opt("", "a hand-written markdown file pasted into results.md as its 'Reading' section (optional)")
+    summary_only: bool = opt(False, "write study_summary.json and results.md from the runs finished so far; trains nothing")
     report_only: bool = opt(False, "only rebuild results.md and the plots from --summary (no training, no evaluation)")
     summary: str = opt("", "the study_summary.json to read with --report-only (default: RESULTS_DIR/results/study_summary.json)")
 
@@ -285,7 +286,26 @@ def summarise(cfg: StudyConfig) -> dict:
             cont["methods"][name] = rounds
         summary["continual"] = cont
     summary["timings_s"] = {path.stem: _read(path) for path in sorted(out.glob("timings*.json"))}
+    summary["not_finished"] = unfinished(cfg)
     return summary
+
+
+def unfinished(cfg: StudyConfig) -> list[str]:
+    """Planned runs without an evaluation yet (the study was stopped early or is still running)."""
+    from dataclasses import replace
+
+    missing = []
+    for name in cfg.domains:
+        sweep = replace(cfg.sweep_config(name), shard="")
+        for method, lr, seed in sweep.plan():
+            run = sweep.run_name(method, lr, seed)
+            if not (Path(sweep.out) / "runs" / run / "eval.json").is_file():
+                missing.append(f"{name}/{run}")
+    for method in (cfg.continual or {}).get("methods", {}):
+        for r in range(1, int(cfg.continual.get("rounds", 3)) + 1):
+            if not (Path(cfg.out) / "continual" / method / f"round{r}" / "eval.json").is_file():
+                missing.append(f"continual/{method}/round{r}")
+    return missing
 
 
 def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
@@ -316,7 +336,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)  # summed over resumed sessions
         timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
 
-    for stage in cfg.stage_order():
+    for stage in [] if cfg.summary_only else cfg.stage_order():
         if stage == "continual":
             timed("continual", lambda: run_continual(cfg, log=log, progress=progress))
             continue

@@ -261,6 +261,10 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
              f"CUDA {'yes' if env.get('cuda') else 'no'}. Wall time by stage: "
              + ("; ".join(f"{name}: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()) for name, stages in timings.items())
                 + f"; wall time in all {total / 60:.0f} min (processes running side by side counted once)." if timings else "not recorded."), ""]
+    missing = summary.get("not_finished") or []
+    if missing:
+        lines += [f"**Not finished when this summary was written ({len(missing)} planned runs):** " + ", ".join(f"`{m}`" for m in missing)
+                  + ". Re-running the study command trains and evaluates them (finished runs are skipped).", ""]
     if reading and Path(reading).is_file():
         lines += ["## Reading", "", Path(reading).read_text(encoding="utf-8").strip(), ""]
     extra = {}
