@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_model, write_result  # noqa: E402
+from common import SHAPES, random_model, shape_dims, write_result  # noqa: E402
 
 
 def sync(device) -> None:
@@ -131,7 +131,7 @@ def main() -> None:
         fraction = {key.replace("_tflops", "_fraction_of_measured_bf16_peak"): value / peaks["bf16_tflops"] for key, value in achieved.items()}
         if args.nominal_peak_tflops:
             fraction |= {key.replace("_tflops", "_fraction_of_nominal_bf16_peak"): value / args.nominal_peak_tflops for key, value in achieved.items()}
-        results.append(run | {"precision": "bf16 autocast, fp32 master weights" if run["weights"] == "fp32" else "bf16 weights, no autocast",
+        results.append(run | ({"shape_dims": shape_dims(run["shape"])} if run["shape"] in SHAPES else {}) | {"precision": "bf16 autocast, fp32 master weights" if run["weights"] == "fp32" else "bf16 weights, no autocast",
                               "optimizer": "AdamW fused" if optimizer_on else "none (does not fit)" if run["weights"] == "fp32" else "none",
                               "parameters": n_params, "flops_per_step": flops, "step": times, "achieved": achieved, "fraction": fraction,
                               "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None})

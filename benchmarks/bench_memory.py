@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHAPES, peak_memory_mb, random_model, run_child, write_result  # noqa: E402
+from common import SHAPES, peak_memory_mb, random_model, run_child, shape_dims, write_result  # noqa: E402
 
 DEFAULT_SHAPE = "smollm2-135m"
 
@@ -159,7 +159,9 @@ def main() -> None:
         growth = {"from": 1024, "to": lengths[-1], "chunked_logits_mb": [first, last],
                   "relative_growth": (last - first) / max(abs(first), 1.0)}
     model = "random-init SmolLM2-135M shape" if args.shape == DEFAULT_SHAPE else f"random-init {args.shape} shape"
-    write_result(args.out, "memory", {"settings": {"model": model, "shape": args.shape, "suffix_tokens": 64, "chunk": 1024,
+    dims = shape_dims(args.shape) if args.shape in SHAPES else {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3,
+                                                                 "vocab": args.vocab, "tied_embeddings": True}
+    write_result(args.out, "memory", {"settings": {"model": model, "shape": args.shape, "shape_dims": dims, "suffix_tokens": 64, "chunk": 1024,
                                                    "precision": "bf16 autocast, fp32 student, bf16 teacher", "device": args.device,
                                                    "peak": "max_memory_allocated" if device.type == "cuda" else "peak RSS",
                                                    "processes": "one for all cases" if in_process else "one per case"},

@@ -20,6 +20,7 @@ sentence but the first is a suffix), `ft_compile` and `disc_compile` (`--compile
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -122,10 +123,14 @@ def child(args) -> dict:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if args.profile:
-        trained = profiled_train(cfg, args)
-    else:
-        trained = train(cfg, progress=False, log=lambda *_: None)
+    backends = contextlib.nullcontext()
+    if args.sdpa_backends:  # restrict scaled_dot_product_attention to these kernels for the whole run
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = sdpa_kernel([getattr(SDPBackend, name.strip().upper()) for name in args.sdpa_backends.split(",")])
+        result["sdpa_backends"] = args.sdpa_backends
+    with backends:
+        trained = profiled_train(cfg, args) if args.profile else train(cfg, progress=False, log=lambda *_: None)
     summary = trained.summary
     result["parameters"] = sum(p.numel() for p in trained.model.parameters())
     result["split_strategy"] = cfg.split_strategy
@@ -262,6 +267,8 @@ def main() -> None:
     parser.add_argument("--profile", help=argparse.SUPPRESS)  # child: write the profile tables to this file
     parser.add_argument("--profile-dir", help="profile each variant (cProfile + torch profiler) into DIR/profile_VARIANT.txt; "
                                               "profiling slows the steps, so time without it")
+    parser.add_argument("--sdpa-backends", help="only these attention kernels, e.g. flash_attention,efficient_attention,math "
+                                                "(torch.nn.attention.SDPBackend names); default: PyTorch's choice")
     parser.add_argument("--work")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
@@ -271,7 +278,7 @@ def main() -> None:
 
     settings = {"model": args.random_init or args.model, "docs": args.docs, "warmup": args.warmup, "precision": "bf16 autocast, fp32 master weights",
                 "teacher_dtype": "bf16", "optimizer": "AdamW fused", "split_strategy": args.split_strategy, "docs_per_step": 1, "k": args.k,
-                "device": args.device,
+                "device": args.device, "sdpa_backends": args.sdpa_backends or "PyTorch default",
                 "documents": (f"random token ids, {args.doc_tokens} tokens, sentence-like segments of {args.sentence_tokens} tokens"
                               if args.synthetic_docs else "bundled news_updates articles")}
     if args.random_init:
@@ -284,7 +291,8 @@ def main() -> None:
         corpus = subset_corpus(args.docs + args.warmup, work / "corpus.jsonl")
         common = ["--model", model, "--corpus", corpus, "--docs", str(args.docs), "--warmup", str(args.warmup), "--epochs", "1",
                   "--k", str(args.k), "--device", args.device, "--work", str(work), "--split-strategy", args.split_strategy,
-                  "--doc-tokens", args.doc_tokens, "--sentence-tokens", args.sentence_tokens] + (["--synthetic-docs"] if args.synthetic_docs else [])
+                  "--doc-tokens", args.doc_tokens, "--sentence-tokens", args.sentence_tokens] + (["--synthetic-docs"] if args.synthetic_docs else []) \
+            + (["--sdpa-backends", args.sdpa_backends] if args.sdpa_backends else [])
         results = {}
         for v in args.variants.split(","):  # the JSON is rewritten after each variant, so a cut-off run keeps what it measured
             try:

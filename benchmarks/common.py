@@ -51,6 +51,10 @@ SHAPES = {
 }
 
 
+def shape_dims(shape: str) -> dict:
+    return dict(zip(("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "tied_embeddings"), SHAPES[shape]))
+
+
 def shape_config(shape: str, max_positions: int = 32768):
     """transformers' Qwen2Config of a real Qwen2.5 shape."""
     from transformers import Qwen2Config
