@@ -70,6 +70,8 @@ class TrainConfig:
     teacher_dtype: str = opt("bf16", "dtype of the frozen teacher copy (full fine-tuning only)", ("bf16", "fp32"))
     gradient_checkpointing: bool = opt(False, "recompute layer activations in the backward pass: less memory, ~30% more compute")
     compile: bool = opt(False, "torch.compile the student (dynamic shapes); measure before relying on it, see docs/performance.md")
+    cudnn_attention: bool = opt(False, "on CUDA, allow cuDNN's attention kernel; off by default because it plans anew for every unseen "
+                                       "sequence length (~140 ms on an H100), which documents of varying length hit almost every step")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     # student
     student: str = opt("auto", "full fine-tuning or a LoRA adapter (the teacher is then the adapter-disabled model); auto: the method's default (lora for lora and icl_distill, full otherwise)", ("auto", "full", "lora"))

@@ -280,6 +280,8 @@ def create_runtime(cfg: TrainConfig, micro_steps: int) -> Runtime:
     else:
         mode = "single"
     device = resolve_device(cfg.device) if mode == "single" else accelerator.device
+    if device.type == "cuda" and not cfg.cudnn_attention:  # see the option's help and docs/performance.md "GPU (H100)"
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return Runtime(accelerator, device, accelerator.process_index, accelerator.num_processes, mode)
 
 
