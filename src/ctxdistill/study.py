@@ -18,16 +18,13 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import build_config, opt, to_dict
 from .errors import CtxDistillError
 from .models import DEFAULT_MODEL
-
-
-def _dict(help: str):
-    return field(default_factory=dict, metadata={"help": help, "choices": None})
+from .sweep import opt_dict, opt_list
 
 
 @dataclass
@@ -37,11 +34,11 @@ class StudyConfig:
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
     shard: str = opt("", "i/n: run every n-th run from the i-th in this process (see `ctxdistill sweep --shard`); afterwards one "
                          "unsharded call (everything is finished, so it only summarises) writes the summary and results.md")
-    train: dict = _dict("TrainConfig options shared by every run (a domain's own `train:` adds to them)")
-    eval: dict = _dict("EvalConfig options shared by every evaluation (a domain's own `eval:` adds to them)")
-    domains: dict = _dict("name -> sweep: corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, lrs, seeds, method_overrides, train, eval")
-    continual: dict = _dict("corpus, probes, rounds, methods: {name: {method, lr, ...TrainConfig options}}, train, eval; empty = skip")
-    stages: list = field(default_factory=list, metadata={"help": "order of the stages: domain names and `continual` (default: every domain, then continual)", "choices": None})
+    train: dict = opt_dict("TrainConfig options shared by every run (a domain's own `train:` adds to them)")
+    eval: dict = opt_dict("EvalConfig options shared by every evaluation (a domain's own `eval:` adds to them)")
+    domains: dict = opt_dict("name -> sweep: corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, lrs, seeds, method_overrides, train, eval")
+    continual: dict = opt_dict("corpus, probes, rounds, methods: {name: {method, lr, ...TrainConfig options}}, train, eval; empty = skip")
+    stages: list = opt_list([], "order of the stages: domain names and `continual` (default: every domain, then continual)")
     domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
     results_dir: str = opt("", "where results.md, results/*.png and results/study_summary.json go (default: OUT)")
