@@ -16,6 +16,7 @@ from .report import METRICS, ReportConfig, build_markdown, cp_select, difference
 SKILLS = ["ifeval.inst_strict", "gsm8k.accuracy", "humaneval.pass@1"]
 FRONTIER_KEYS = ["ifeval.inst_strict", "ifeval.prompt_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
                  "drift.chat_logprob", "gsm8k.gold_logprob", "nq_open.gold_logprob"]
+HEADLINE_METHODS = ("disc", "ft", "disc_all", "ft_kl")
 HEADLINE_KEYS = ["ifeval.inst_strict", "ifeval.prompt_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
                  "drift.chat_kl", "drift.doc_kl"]
 
@@ -111,18 +112,24 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
         max_gain = max((mean_metric(rs, domain) or {"value": -1})["value"] for by_lr in groups.values() for rs in by_lr.values())
         top = (max_gain - base["metrics"][domain]["value"]) * scale(domain)
         gains = [g for g in (4, 8, 12, 16, 20, 25, 30) if g <= top] or [round(top / 2, 1)]
-        for key in ("ifeval.inst_strict", "drift.chat_kl", "drift.chat_logprob"):
-            if key not in base["metrics"]:
-                continue
-            lines += [f"### Matched domain score: change in {METRICS[key][0]}", "",
-                      f"Each method's curve over learning rates (initial model, then increasing lr), read by linear interpolation "
-                      f"where its domain score first reaches the initial score plus the column's gain. Mean over seeds; no error "
-                      f"bars (interpolated); compare with the per-run tables below.", ""]
-            lines += matched_table(groups, base, domain, key, gains) + [""]
+        lines += ["### At matched domain score", "",
+                  "Each method's curve over learning rates (initial model, then increasing lr), read by linear interpolation "
+                  "where its domain score first reaches the initial score plus the column's gain: the change in a retention "
+                  "measure that buys that much knowledge. Mean over seeds; no error bars (interpolated); the per-run tables "
+                  "below carry them.", ""]
+        for key in ("ifeval.inst_strict", "drift.chat_kl", "drift.chat_logprob", "nq_open.gold_logprob"):
+            if key in base["metrics"]:
+                lines += [f"Change in **{METRICS[key][0]}**:", ""] + matched_table(groups, base, domain, key, gains) + [""]
     # plots
     plots = []
+    xkeys = [k for k in FRONTIER_KEYS if base and k in base["metrics"]]
+    headline = {m: v for m, v in groups.items() if m in HEADLINE_METHODS}
+    if len(headline) < len(groups) and len(headline) >= 2:  # the main comparison alone, before the crowded plot
+        path = out / f"frontier_{name}_headline.png"
+        plot_frontier(path, base, headline, selection, domain, xkeys[:4])
+        plots.append(path)
     frontier = out / f"frontier_{name}.png"
-    plot_frontier(frontier, base, groups, selection, domain, [k for k in FRONTIER_KEYS if base and k in base["metrics"]])
+    plot_frontier(frontier, base, groups, selection, domain, xkeys)
     plots.append(frontier)
     correlations = {}
     if base and any("drift.doc_kl" in r["metrics"] for r in runs):
@@ -137,7 +144,8 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
                   "and the drop of: " + ", ".join(f"{METRICS[k][0]} {v:+.2f}" if v is not None else f"{METRICS[k][0]} –"
                                                    for k, v in correlations.items()) + ".", ""]
     # full tables (the sweep report's)
-    keys = [k for k in METRICS if base and k in base["metrics"]]
+    present = set(base["metrics"] if base else {}) | {k for r in runs for k in r["metrics"]}
+    keys = [k for k in METRICS if k in present]
     table = build_markdown(ReportConfig(runs_dir=".", domain_metric=domain, cp_threshold=threshold), base, groups, selection, keys, [])
     body = table.split("## Initial model", 1)[-1]
     body = body.split("## CP selection", 1)[0]
@@ -257,7 +265,9 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     lines = ["# ctxdistill study: DiSC against the baselines", "",
              "Written by `ctxdistill study --config configs/study.yaml` from `docs/results/study_summary.json` "
              "(rebuild without training: `ctxdistill study --report-only --results-dir docs --reading docs/results_reading.md`).", "",
-             f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch threads, torch {env.get('torch', '?')}, "
+             f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch thread(s) per process"
+             + (f", {len([k for k in timings if '.shard' in k])} processes side by side (`--shard`)" if any(".shard" in k for k in timings) else "")
+             + f", torch {env.get('torch', '?')}, "
              f"CUDA {'yes' if env.get('cuda') else 'no'}. Wall time by stage: "
              + ("; ".join(f"{name}: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()) for name, stages in timings.items())
                 + f"; wall time in all {total / 60:.0f} min (processes running side by side counted once)." if timings else "not recorded."), ""]
