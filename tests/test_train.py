@@ -110,3 +110,26 @@ def test_fp32_training_is_deterministic(tiny_model_dir, corpus_file, tmp_path):
                          save_model=False), progress=False) for i in range(2)]
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_teacher_model_loads_another_frozen_model_and_lora_refuses_it(tmp_path, tiny_model_dir, tokenizer):
+    """`teacher_model` (continual updates with the original model as teacher) replaces the initial model as teacher."""
+    import torch
+
+    from conftest import tiny_llama
+    from ctxdistill.config import TrainConfig
+    from ctxdistill.errors import CtxDistillError
+    from ctxdistill.models import load_model
+    from ctxdistill.train import build_teacher
+
+    other = tmp_path / "other"
+    tiny_llama(len(tokenizer), seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    student = load_model(str(tiny_model_dir), dtype=torch.float32)
+    default = build_teacher(TrainConfig(model=str(tiny_model_dir), teacher_dtype="fp32"), student, torch.device("cpu"))
+    swapped = build_teacher(TrainConfig(model=str(tiny_model_dir), teacher_model=str(other), teacher_dtype="fp32"), student, torch.device("cpu"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(default(input_ids=ids).logits, student(input_ids=ids).logits)
+    assert not torch.allclose(swapped(input_ids=ids).logits, student(input_ids=ids).logits)
+    with pytest.raises(CtxDistillError, match="full fine-tuning only"):
+        build_teacher(TrainConfig(model=str(tiny_model_dir), teacher_model=str(other), student="lora", method="lora"), student, torch.device("cpu"))

@@ -67,6 +67,8 @@ class TrainConfig:
     context_kl_threshold: float = opt(0.05, "disc_positions context (ctxdistill variant): keep a position when KL(teacher with prefix || teacher on the suffix alone) at the distillation temperature, in nats, exceeds this; a negative value keeps every position")
     # precision and devices
     precision: str = opt("bf16", "bf16: fp32 master weights with bf16 autocast; fp32: no autocast", ("bf16", "fp32"))
+    teacher_model: str = opt("", "the frozen teacher/reference when it is not the model being trained (same tokenizer), e.g. the "
+                                 "original model in later rounds of continual updates; empty = the initial model")
     teacher_dtype: str = opt("bf16", "dtype of the frozen teacher copy (full fine-tuning only)", ("bf16", "fp32"))
     gradient_checkpointing: bool = opt(False, "recompute layer activations in the backward pass: less memory, ~30% more compute")
     compile: bool = opt(False, "torch.compile the student (dynamic shapes); measure before relying on it, see docs/performance.md")

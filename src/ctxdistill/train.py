@@ -132,8 +132,10 @@ def build_teacher(cfg: TrainConfig, student, device: torch.device, examples=None
 
         return open_for_run(cfg.teacher_cache, student, examples, cfg.temperature)
     if cfg.student == "lora":
+        if cfg.teacher_model:
+            raise CtxDistillError("teacher_model works with full fine-tuning only: a LoRA student's teacher is its own adapter-disabled model")
         return Teacher(student=student)
-    frozen = load_model(cfg.model, dtype=DTYPES[cfg.teacher_dtype], trust_remote_code=cfg.trust_remote_code)
+    frozen = load_model(cfg.teacher_model or cfg.model, dtype=DTYPES[cfg.teacher_dtype], trust_remote_code=cfg.trust_remote_code)
     return Teacher(model=frozen.to(device))
 
 
