@@ -119,3 +119,13 @@ def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_
     summary = json.loads((tmp_path / "docs" / "results" / "study_summary.json").read_text())
     assert "news/ft_lr0.001_s1" in summary["not_finished"] and "continual/disc/round2" in summary["not_finished"]
     assert "Not finished when this summary was written" in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_paired_difference_is_the_mean_item_difference_with_its_paired_se():
+    from ctxdistill.study_report import paired_difference
+
+    a = {"item_scores": {"t.x": [1.0, 1.0, 0.0, 1.0]}, "tasks": {"t": {"ids": [1, 2, 3, 4]}}}
+    b = {"item_scores": {"t.x": [0.0, 1.0, 0.0, 0.0]}, "tasks": {"t": {"ids": [1, 2, 3, 4]}}}
+    d = paired_difference(a, b, "t.x")
+    assert d["delta"] == pytest.approx(0.5) and d["se"] == pytest.approx((1 / 3) ** 0.5 / 2) and d["n"] == 4
+    assert paired_difference(a, {"item_scores": b["item_scores"], "tasks": {"t": {"ids": [4, 3, 2, 1]}}}, "t.x") is None

@@ -77,6 +77,57 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
     return lines
 
 
+PAIRED = (("disc", "ft"), ("disc_all", "ft"), ("disc", "ft_kl"), ("disc_chat", "disc"), ("disc_ctx", "disc"))
+PAIRED_KEYS = ("knowledge.mcq_loglik", "ifeval.prompt_strict", "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl",
+               "nq_open.gold_logprob", "gsm8k.gold_logprob", "mmlu.accuracy")
+
+
+def paired_difference(a: dict, b: dict, key: str) -> dict | None:
+    """a - b over the same items (same ids), with the paired standard error."""
+    x, y = a.get("item_scores", {}).get(key), b.get("item_scores", {}).get(key)
+    task = key.split(".")[0]
+    if not x or not y or len(x) != len(y) or len(x) < 2 or a["tasks"].get(task, {}).get("ids") != b["tasks"].get(task, {}).get("ids"):
+        return None
+    d = [p - q for p, q in zip(x, y)]
+    mean = sum(d) / len(d)
+    return {"delta": mean, "se": math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d)), "n": len(d)}
+
+
+def paired_section(groups: dict) -> list[str]:
+    """Method A minus method B at the same learning rate and seed, item by item (the sharpest comparison here)."""
+    lines = []
+    for a, b in PAIRED:
+        if a not in groups or b not in groups:
+            continue
+        common = [lr for lr in groups[a] if lr in groups[b]]
+        rows = []
+        for lr in common:
+            by_seed = {r["run"].get("seed"): r for r in groups[b][lr]}
+            pairs = [(r, by_seed[r["run"].get("seed")]) for r in groups[a][lr] if r["run"].get("seed") in by_seed]
+            if not pairs:
+                continue
+            cells = []
+            for key in PAIRED_KEYS:
+                diffs = [d for d in (paired_difference(x, y, key) for x, y in pairs) if d]
+                if not diffs:
+                    cells.append("–")
+                    continue
+                k, sc = len(diffs), scale(key)
+                mean, se = sum(d["delta"] for d in diffs) / k, math.sqrt(sum(d["se"] ** 2 for d in diffs)) / k
+                digits = 1 if sc == 100 else (4 if METRICS.get(key, ("", ""))[1] == "kl" else 3)
+                mark = "" if se > 0 and abs(mean) >= 2 * se else " n.s."
+                cells.append(f"{mean * sc:+.{digits}f} ± {se * sc:.{digits}f}{mark}")
+            rows.append("| " + " | ".join([f"{lr:g}", str(len(pairs))] + cells) + " |")
+        if rows:
+            header = ["lr", "seeds"] + [METRICS.get(k, (k,))[0] for k in PAIRED_KEYS]
+            lines += [f"**{a} − {b}**, same learning rate and seed, paired over the same items (n.s.: within 2 SE):", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows + [""]
+    if lines:
+        lines = ["### Method against method, item by item", "",
+                 "Differences in points (rates) or nats (log-probs, KLs); for KLs lower is better, for log-probs higher.", ""] + lines
+    return lines
+
+
 def domain_section(name: str, data: dict, domain: str, threshold: float, out: Path) -> tuple[list[str], dict]:
     base = data.get("baseline")
     runs = _with_paths(list(data.get("runs", [])), name)
@@ -120,6 +171,7 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
         for key in ("ifeval.inst_strict", "drift.chat_kl", "drift.chat_logprob", "nq_open.gold_logprob"):
             if key in base["metrics"]:
                 lines += [f"Change in **{METRICS[key][0]}**:", ""] + matched_table(groups, base, domain, key, gains) + [""]
+    lines += paired_section(groups)
     # plots
     plots = []
     xkeys = [k for k in FRONTIER_KEYS if base and k in base["metrics"]]
