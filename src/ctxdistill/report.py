@@ -26,6 +26,7 @@ METRICS = {
     "knowledge.mcq_sampled": ("Domain MCQ (majority of 5)", "prop"),
     "knowledge.mcq_loglik": ("Domain MCQ (log-lik)", "prop"),
     "knowledge.short_f1": ("Domain short-answer F1", "prop"),
+    "knowledge.gold_option_logprob": ("Domain gold option log-prob", "nats"),
     "ifeval.inst_strict": ("IFEval inst. strict", "prop"),
     "ifeval.prompt_strict": ("IFEval prompt strict", "prop"),
     "gsm8k.accuracy": ("GSM8K", "prop"),

@@ -78,7 +78,7 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
 
 
 PAIRED = (("disc", "ft"), ("disc_all", "ft"), ("disc", "ft_kl"), ("disc_chat", "disc"), ("disc_ctx", "disc"))
-PAIRED_KEYS = ("knowledge.mcq_loglik", "ifeval.prompt_strict", "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl",
+PAIRED_KEYS = ("knowledge.mcq_loglik", "knowledge.gold_option_logprob", "ifeval.prompt_strict", "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl",
                "nq_open.gold_logprob", "gsm8k.gold_logprob", "mmlu.accuracy")
 
 
@@ -320,7 +320,7 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
              f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch thread(s) per process"
              + (f", {len([k for k in timings if '.shard' in k])} processes side by side (`--shard`)" if any(".shard" in k for k in timings) else "")
              + f", torch {env.get('torch', '?')}, "
-             f"CUDA {'yes' if env.get('cuda') else 'no'}. Wall time by stage: "
+             f"CUDA {'yes' if env.get('cuda') else 'no'}. Stage times the processes recorded (a stage stopped and resumed is not recorded): "
              + ("; ".join(f"{name}: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()) for name, stages in timings.items())
                 + f"; wall time in all {total / 60:.0f} min (processes running side by side counted once)." if timings else "not recorded."), ""]
     missing = summary.get("not_finished") or []
