@@ -1,5 +1,11 @@
 """Shared generation: batched KV-cache sampling, the MixSD mixing rule, rejection with retries, the disk cache."""
 
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
 import pytest
 import torch
 
@@ -138,3 +144,30 @@ def test_generation_cache_reuses_outputs_across_calls(model, tmp_path, tiny_mode
     assert [g.tokens for g in again] == [g.tokens for g in first]
     other = GenerationCache(tmp_path, str(tiny_model_dir), settings | {"temperature": 0.5})
     assert other.path != GenerationCache(tmp_path, str(tiny_model_dir), settings).path and other.get(PROMPTS[0]) is None
+
+
+def test_generation_cache_lock_makes_a_second_process_wait_and_reuse(model, tmp_path, tiny_model_dir):
+    """Two shards of a study that need the same generations: the one that holds the lock generates,
+    the other blocks until it is done and then finds every output in the cache."""
+    settings = {"kind": "test-lock"}
+    kwargs = dict(max_new_tokens=4, stop_ids=[], pad_id=PAD, temperature=0.0, precision="fp32", progress=False)
+    ready = tmp_path / "waiter-ready"
+    waiter = textwrap.dedent(f"""
+        import json, pathlib, time
+        from ctxdistill.generate import GenerationCache
+        pathlib.Path({str(ready)!r}).touch()
+        with GenerationCache({str(tmp_path)!r}, {str(tiny_model_dir)!r}, {settings!r}) as cache:
+            print(json.dumps({{"acquired_at": time.time(), "found": [cache.get(p) is not None for p in {PROMPTS!r}]}}))
+    """)
+    with GenerationCache(tmp_path, str(tiny_model_dir), settings) as cache:
+        other = subprocess.Popen([sys.executable, "-c", waiter], stdout=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the other process is now blocked on the lock
+        sample_cached(model, PROMPTS, cache, GenerationStats(), **kwargs)
+        released_at = time.time()
+    out, _ = other.communicate(timeout=60)
+    seen = json.loads(out)
+    assert seen["acquired_at"] >= released_at
+    assert seen["found"] == [True] * len(PROMPTS)

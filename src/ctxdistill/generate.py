@@ -328,21 +328,45 @@ class GenerationCache:
 
     A line is {"key": digest(prompt), "value": ...}; appends are flushed after every batch, so an
     interrupted run keeps what it generated. Disabled when `root` is None.
+
+    Used as a context manager, it holds an exclusive lock on the file (`<file>.lock`) and re-reads it
+    once the lock is held: processes that need the same generations (e.g. the shards of one study)
+    then generate them once, and the others wait and read them from the cache.
     """
 
     def __init__(self, root: Path | None, model: str, settings: dict):
         self.path = None
         self.entries: dict[str, object] = {}
+        self._lock_file = None
         if root is None:
             return
         self.path = Path(root) / f"{digest({'model': model_fingerprint(model), 'settings': settings})[:24]}.jsonl"
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                    self.entries[record["key"]] = record["value"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a torn last line from an interrupted write
+        self._read()
+
+    def _read(self) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                self.entries[record["key"]] = record["value"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn last line from an interrupted write
+
+    def __enter__(self) -> "GenerationCache":
+        if self.path is not None:
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.path.with_suffix(".lock"), "w")
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)  # released by __exit__ or when the process dies
+            self._read()  # what another process generated while this one waited
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
 
     @staticmethod
     def key(prompt) -> str:

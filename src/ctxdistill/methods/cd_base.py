@@ -154,24 +154,24 @@ class CdBase(Method):
         prompts = {rid: ids + (tokenizer(seeds[rid], add_special_tokens=False)["input_ids"] if seeds[rid] else []) for rid, ids in definitions.items()}
         settings = {"kind": "cd_base-entity", "seed_mention": cfg.entity_seed_mention, "temperature": cfg.entity_sample_temperature, "top_p": cfg.gen_top_p,
                     "top_k": cfg.entity_top_k, "max_new_tokens": cfg.entity_max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
-        cache = GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings)
         stats = GenerationStats()
         entity_of = {r.id: r["entity"] for r in records}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for round_ in range(cfg.entity_rounds):
-            wanted = [(rid, j) for rid, n in needed.items() for j in range(n - len(found[rid]))]
-            if not wanted:
-                break
-            keys = [{"prompt": prompts[rid], "round": round_, "sample": j} for rid, j in wanted]
-            outs = sample_cached(model, [prompts[rid] for rid, _ in wanted], cache, stats, keys=keys,
-                                 max_new_tokens=cfg.entity_max_new_tokens, stop_ids=stop_token_ids(tokenizer), pad_id=pad_id,
-                                 temperature=cfg.entity_sample_temperature, top_p=cfg.gen_top_p, top_k=cfg.entity_top_k,
-                                 seed=cfg.seed + round_, batch_size=cfg.gen_batch_size, precision=cfg.precision,
-                                 progress=progress, desc=f"transfer sentences (round {round_ + 1})")
-            for (rid, _), out in zip(wanted, outs):
-                text = (seeds[rid] + tokenizer.decode(out.tokens, skip_special_tokens=True)).strip()
-                if mentions(text, entity_of[rid]) and text not in found[rid] and len(found[rid]) < needed[rid]:
-                    found[rid].append(text)
+        with GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings) as cache:
+            for round_ in range(cfg.entity_rounds):
+                wanted = [(rid, j) for rid, n in needed.items() for j in range(n - len(found[rid]))]
+                if not wanted:
+                    break
+                keys = [{"prompt": prompts[rid], "round": round_, "sample": j} for rid, j in wanted]
+                outs = sample_cached(model, [prompts[rid] for rid, _ in wanted], cache, stats, keys=keys,
+                                     max_new_tokens=cfg.entity_max_new_tokens, stop_ids=stop_token_ids(tokenizer), pad_id=pad_id,
+                                     temperature=cfg.entity_sample_temperature, top_p=cfg.gen_top_p, top_k=cfg.entity_top_k,
+                                     seed=cfg.seed + round_, batch_size=cfg.gen_batch_size, precision=cfg.precision,
+                                     progress=progress, desc=f"transfer sentences (round {round_ + 1})")
+                for (rid, _), out in zip(wanted, outs):
+                    text = (seeds[rid] + tokenizer.decode(out.tokens, skip_special_tokens=True)).strip()
+                    if mentions(text, entity_of[rid]) and text not in found[rid] and len(found[rid]) < needed[rid]:
+                        found[rid].append(text)
         examples, no_sentence, rows = [], [], []
         for r in records:
             generated = r.id in needed

@@ -118,12 +118,11 @@ class MixSD(Method):
         expert = [chat_ids(tokenizer, [{"role": "user", "content": expert_message(cfg.mixsd_expert_prompt, r)}]) for r in records]
         settings = {"kind": "mixsd", "lambda": cfg.mixsd_lambda, "temperature": cfg.mixsd_temperature, "top_k": cfg.mixsd_top_k,
                     "retries": cfg.mixsd_retries, "max_new_tokens": cfg.mixsd_max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
-        cache = GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings)
         keys = [{"naive": n, "expert": e, "answer": r["answer"]} for n, e, r in zip(naive, expert, records)]
-        todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
-        stats = GenerationStats(cached=len(records) - len(todo), sequences=len(records))
         counter = {"new_tokens": 0}
-        with Timer() as timer:
+        with GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings) as cache, Timer() as timer:
+            todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
+            stats = GenerationStats(cached=len(records) - len(todo), sequences=len(records))
             if todo:
                 fresh = build_targets(model, tokenizer, [naive[i] for i in todo], [expert[i] for i in todo],
                                       [records[i]["answer"] for i in todo], cfg, progress, counter)

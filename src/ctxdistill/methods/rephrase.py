@@ -35,12 +35,12 @@ def generate_for_documents(model, tokenizer, documents, cfg, *, kind: str, templ
     prompts = document_prompts(tokenizer, documents, cfg.rephrase_system, template)
     settings = {"kind": kind, "temperature": temperature, "top_p": cfg.gen_top_p, "top_k": top_k,
                 "max_new_tokens": max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
-    cache = GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings)
     stats = GenerationStats()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    outputs = sample_cached(model, prompts, cache, stats, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
-                            pad_id=pad_id, temperature=temperature, top_p=cfg.gen_top_p, top_k=top_k, seed=cfg.seed,
-                            batch_size=cfg.gen_batch_size, precision=cfg.precision, progress=progress, desc=kind)
+    with GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings) as cache:
+        outputs = sample_cached(model, prompts, cache, stats, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+                                pad_id=pad_id, temperature=temperature, top_p=cfg.gen_top_p, top_k=top_k, seed=cfg.seed,
+                                batch_size=cfg.gen_batch_size, precision=cfg.precision, progress=progress, desc=kind)
     stats.extra = {"settings": settings, "cache_file": str(cache.path) if cache.path else None}
     return outputs, stats
 

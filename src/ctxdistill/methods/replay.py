@@ -68,12 +68,12 @@ def generate_responses(records: list, model, tokenizer, cfg, progress: bool = Tr
     todo = [r for r in records if needs_response(r)]
     prompts = [chat_ids(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in todo]
     settings = {"kind": "replay_response", "temperature": 0.0, "max_new_tokens": cfg.replay_max_new_tokens, "precision": cfg.precision}
-    cache = GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings)
     stats = GenerationStats()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    outputs = sample_cached(model, prompts, cache, stats, max_new_tokens=cfg.replay_max_new_tokens, stop_ids=stop_token_ids(tokenizer),
-                            pad_id=pad_id, temperature=0.0, batch_size=cfg.gen_batch_size, precision=cfg.precision,
-                            progress=progress, desc="replay responses")
+    with GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings) as cache:
+        outputs = sample_cached(model, prompts, cache, stats, max_new_tokens=cfg.replay_max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+                                pad_id=pad_id, temperature=0.0, batch_size=cfg.gen_batch_size, precision=cfg.precision,
+                                progress=progress, desc="replay responses")
     replies = {id(r): tokenizer.decode(o.tokens, skip_special_tokens=True).strip() for r, o in zip(todo, outputs)}
     stats.extra = {"settings": settings, "cache_file": str(cache.path) if cache.path else None,
                    "unfinished": sum(not o.stopped for o in outputs)}
