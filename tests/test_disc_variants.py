@@ -132,6 +132,18 @@ def test_a_document_that_keeps_no_position_contributes_zero(tiny_model, items):
     assert loss.item() == 0.0 and stats["kept_positions"] == 0 and stats["documents_without_kept_positions"] == len(items)
 
 
+def test_run_json_counts_the_kept_positions_over_the_run(tiny_model_dir, corpus_file, tmp_path):
+    """What share of the positions a `disc_positions context` run distilled is in run.json; other runs carry no such counts."""
+    common = dict(model=str(tiny_model_dir), corpus=str(corpus_file), lr=1e-3, seed=0, max_steps=3, precision="fp32",
+                  teacher_dtype="fp32", save_model=False)
+    for name, extra in (("context", dict(method="disc", disc_positions="context", context_kl_threshold=1e-4)), ("all", dict(method="disc"))):
+        train(TrainConfig(out=str(tmp_path / name), **common, **extra), progress=False, log=lambda *a: None)
+    counts = json.loads((tmp_path / "context" / "run.json").read_text())["counts"]
+    assert 0 < counts["kept_positions"] <= counts["distilled_positions"]
+    assert 0 <= counts["documents_without_kept_positions"] <= counts["documents"]
+    assert "kept_positions" not in json.loads((tmp_path / "all" / "run.json").read_text())["counts"]
+
+
 def test_context_positions_refuse_a_teacher_cache_and_other_methods(tiny_model, items):
     cfg = TrainConfig(disc_positions="context")
     with pytest.raises(CtxDistillError, match="live teacher"):

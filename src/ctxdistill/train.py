@@ -317,6 +317,10 @@ class StopSignals:
         self.previous = {}
 
 
+# Counts a method's loss may report in its stats dict; summed over steps and processes into run.json "counts".
+METHOD_COUNTS = ("distilled_positions", "kept_positions", "documents_without_kept_positions")
+
+
 @dataclass
 class Progress:
     """What a checkpoint must restore besides tensors."""
@@ -690,8 +694,10 @@ class Loop:
             self.raw_optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
         slots = self.my_slots(len(group))
-        # [sum of weighted losses, sum of weights, student tokens, teacher tokens, stop requested, non-finite flag per item]
-        info = torch.zeros(5 + len(group), dtype=torch.float64)
+        # [sum of weighted losses, sum of weights, student tokens, teacher tokens, stop requested,
+        #  METHOD_COUNTS..., non-finite flag per item]
+        flags = 5 + len(METHOD_COUNTS)
+        info = torch.zeros(flags + len(group), dtype=torch.float64)
         engine_scale = rt.world if rt.sharded else 1  # FSDP and DeepSpeed average gradients over processes
         if rt.mode == "deepspeed":
             engine_scale *= len(slots)  # DeepSpeed also divides by its accumulation steps
@@ -717,12 +723,14 @@ class Loop:
                 value = loss.item()
                 if not math.isfinite(value):
                     for slot in unit:
-                        info[5 + slot] = 1
+                        info[flags + slot] = 1
                 weight = float(stats["student_tokens"]) if token_mode else float(len(unit))
                 info[0] += value * weight
                 info[1] += weight
                 info[2] += stats["student_tokens"]
                 info[3] += stats["teacher_tokens"]
+                for j, name in enumerate(METHOD_COUNTS):
+                    info[5 + j] += stats.get(name, 0)
         if self.signals is not None and self.signals.received is not None:
             info[4] = 1
         info = rt.all_sum(info)
@@ -735,7 +743,7 @@ class Loop:
                     p.grad.mul_(scale)
         grad_norm = self.clip()
         step_number = state.step + 1
-        bad_docs = [group[i].doc_id for i in range(len(group)) if info[5 + i] > 0]
+        bad_docs = [group[i].doc_id for i in range(len(group)) if info[flags + i] > 0]
         grad_ok = grad_norm is None or math.isfinite(float(grad_norm))
         step_loss = info[0].item() / max(info[1].item(), 1e-12)
         record = {"step": step_number, "epoch": epoch + 1, "loss": step_loss,
@@ -763,6 +771,9 @@ class Loop:
         state.counts["documents"] += len(group)
         state.counts["student_tokens"] += int(info[2].item())
         state.counts["teacher_tokens"] += int(info[3].item())
+        if info[5:flags].any():  # the method reported them (e.g. DiSC on context-sensitive positions)
+            for j, name in enumerate(METHOD_COUNTS):
+                state.counts[name] = state.counts.get(name, 0) + int(info[5 + j].item())
         return record
 
     def forward_units(self, group: list, slots: list[int | None]) -> list[list[int | None]]:
