@@ -191,6 +191,9 @@ def test_evaluate_model_writes_every_metric(tiny_model, tokenizer, eval_data_dir
     for key in expected:
         assert {"value", "stderr", "n"} <= set(report["metrics"][key]), key
     assert report["metrics"]["drift.chat_kl"]["value"] > 0 and report["metrics"]["drift.doc_kl"]["value"] > 0
+    gold = report["item_scores"]["knowledge.gold_option_logprob"]  # per probe, so runs can be compared item by item
+    assert len(gold) == 3 and report["metrics"]["knowledge.gold_option_logprob"]["value"] == pytest.approx(sum(gold) / 3)
+    assert report["metrics"]["knowledge.gold_option_logprob"]["stderr"] > 0
     assert report["tasks"]["gsm8k"]["settings"]["shots"] == 2 and "decoding" in report["tasks"]["ifeval"]["settings"]
     assert report["role"] == "updated" and report["timings_s"]["total"] > 0
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())

@@ -169,6 +169,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
     from .drift import document_kl, greedy_responses, load_chat_prompts, load_responses, response_drift, save_responses
     from .generation import Timer, generation_model
     from .probes import load_probes, score_mcq_loglik, score_mcq_sampled, score_short_answer
+    from .scoring import average
     from .sandbox import Limits
 
     cfg.validate()
@@ -220,8 +221,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 with scoring():
                     loglik = score_mcq_loglik(model, tokenizer, mcq, batch_size=bs)
                 result["metrics"]["mcq_loglik"] = {"value": loglik["accuracy"], "stderr": loglik["stderr"], "n": loglik["n"]}
-                result["metrics"]["gold_option_logprob"] = {"value": loglik["mean_gold_logprob"], "stderr": float("nan"), "n": loglik["n"]}
+                gold_logprobs = [p["gold_logprob"] for p in loglik["predictions"]]
+                result["metrics"]["gold_option_logprob"] = average(gold_logprobs)
                 result["item_scores"]["mcq_loglik"] = [float(p["correct"]) for p in loglik["predictions"]]
+                result["item_scores"]["gold_option_logprob"] = gold_logprobs
                 result["settings"]["mcq_loglik"] = "option log-likelihood / option length in characters, chat template"
                 result["ids"] = [p.id for p in mcq]
             if sampled and "sampled" in parts:
