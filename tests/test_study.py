@@ -76,7 +76,9 @@ def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tm
     run2 = json.loads((tmp_path / "study" / "continual" / "disc" / "round2" / "run.json").read_text())
     assert run2["config"]["model"].endswith("continual/disc/round1/model")
     assert summary["not_finished"] == []
+    assert all(r["run"]["timings_s"]["train"] > 0 for r in runs)  # from each run.json, for the compute account
     text = (tmp_path / "docs" / "results.md").read_text()
+    assert "Compute in the 9 evaluations" in text  # 2 baselines, 3 sweep runs, 2 methods x 2 continual rounds
     for heading in ("## Domain: news", "### Each method at its CP learning rate", "## Continual updates", "### Every run (news)"):
         assert heading in text
     assert (tmp_path / "docs" / "results" / "frontier_news.png").is_file() and (tmp_path / "docs" / "results" / "continual.png").is_file()
@@ -95,6 +97,34 @@ def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tm
     only = load_study_config(None, {"report_only": True, "results_dir": str(tmp_path / "docs")})
     run_study(only, **quiet)
     assert (tmp_path / "docs" / "results.md").read_text() == text
+
+    # A domain can have its own domain score (e.g. a log-probability where accuracy cannot move).
+    from ctxdistill.study_report import write_results
+
+    summary["domains"]["news"]["domain_metric"] = "knowledge.gold_option_logprob"
+    write_results(summary, tmp_path / "docs2", log=lambda *_: None)
+    other = (tmp_path / "docs2" / "results.md").read_text()
+    assert "Domain score: `knowledge.gold_option_logprob`" in other and "Domain score: `knowledge.mcq_loglik`" not in other
+
+
+def test_a_domain_metric_names_the_score_of_its_sweep_directory(tmp_path, tiny_model_dir, corpus_file):
+    domains = {"news": {"corpus": str(corpus_file), "methods": ["ft"]},
+               "bio_extra": {"sweep_dir": "bio", "corpus": str(corpus_file), "methods": ["disc"], "domain_metric": "knowledge.gold_option_logprob"}}
+    cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, domains=domains)))
+    assert cfg.domain_metric_of("news") == "knowledge.mcq_loglik" and cfg.domain_metric_of("bio") == "knowledge.gold_option_logprob"
+
+
+def test_a_stage_stopped_part_way_still_records_its_time(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    import ctxdistill.sweep
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ctxdistill.sweep, "run_sweep", stopped)
+    cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, continual={})))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg, log=lambda *_: None, progress=False)
+    assert "domain:news" in json.loads((tmp_path / "study" / "timings.json").read_text())
 
 
 def test_shards_split_the_plan_and_together_cover_it(tmp_path, tiny_model_dir, corpus_file):

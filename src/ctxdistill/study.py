@@ -36,7 +36,7 @@ class StudyConfig:
                          "unsharded call (everything is finished, so it only summarises) writes the summary and results.md")
     train: dict = opt_dict("TrainConfig options shared by every run (a domain's own `train:` adds to them)")
     eval: dict = opt_dict("EvalConfig options shared by every evaluation (a domain's own `eval:` adds to them)")
-    domains: dict = opt_dict("name -> sweep: corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, lrs, seeds, method_overrides, train, eval")
+    domains: dict = opt_dict("name -> sweep: corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, lrs, seeds, method_overrides, train, eval, sweep_dir, domain_metric")
     continual: dict = opt_dict("corpus, probes, rounds, methods: {name: {method, lr, ...TrainConfig options}}, train, eval; empty = skip")
     stages: list = opt_list([], "order of the stages: domain names and `continual` (default: every domain, then continual)")
     domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
@@ -64,6 +64,13 @@ class StudyConfig:
             if not self.continual.get("methods"):
                 raise CtxDistillError("continual.methods is empty; e.g. {disc: {lr: 1.0e-4}, ft: {lr: 1.0e-4}}")
         return self
+
+    def domain_metric_of(self, sweep_dir: str) -> str:
+        """The domain score of a sweep directory: `domain_metric:` of a domain writing there, else the study's."""
+        for name, domain in self.domains.items():
+            if self.sweep_dir(name) == sweep_dir and domain.get("domain_metric"):
+                return domain["domain_metric"]
+        return self.domain_metric
 
     def sweep_dir(self, name: str) -> str:
         """A domain's directory under OUT: its name, or `sweep_dir:` to add runs to another domain's sweep
@@ -120,7 +127,8 @@ class StudyConfig:
             "method_overrides": {k: dict(v) for k, v in domain.get("method_overrides", {}).items()},
             "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold, "shard": self.shard,
         }
-        unknown = set(domain) - {"corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides", "sweep_dir"}
+        unknown = set(domain) - {"corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides", "sweep_dir",
+                                 "domain_metric"}
         if unknown:
             raise CtxDistillError(f"domains.{name}: unknown key(s) {', '.join(sorted(unknown))}")
         return build_config(SweepConfig, None, values)
@@ -249,6 +257,13 @@ def trim_eval(data: dict) -> dict:
             "timings_s": data.get("timings_s", {})}
 
 
+def with_train_timings(evaluation: dict, run_dir: Path) -> dict:
+    """The run's load / generation / training seconds from its run.json, for the study's compute account."""
+    if (run_dir / "run.json").is_file():
+        evaluation["run"]["timings_s"] = _read(run_dir / "run.json").get("timings_s", {})
+    return evaluation
+
+
 def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -268,7 +283,8 @@ def summarise(cfg: StudyConfig) -> dict:
         runs = sorted((root / "runs").glob("*/eval.json"))
         sweep = _read(root / "sweep.json") if (root / "sweep.json").is_file() else {}
         summary["domains"][name] = {"baseline": trim_eval(_read(base)) if base.is_file() else None,
-                                    "runs": [trim_eval(_read(p)) for p in runs], "total_s": sweep.get("total_s")}
+                                    "runs": [with_train_timings(trim_eval(_read(p)), p.parent) for p in runs], "total_s": sweep.get("total_s"),
+                                    "domain_metric": cfg.domain_metric_of(name)}
     if cfg.continual and (out / "continual" / "rounds.json").is_file():
         layout = _read(out / "continual" / "rounds.json")
         cont = {"layout": layout, "baseline": None, "methods": {}}
@@ -279,7 +295,7 @@ def summarise(cfg: StudyConfig) -> dict:
             for r in range(1, layout["rounds"] + 1):
                 path = out / "continual" / name / f"round{r}" / "eval.json"
                 if path.is_file():
-                    rounds.append(trim_eval(_read(path)))
+                    rounds.append(with_train_timings(trim_eval(_read(path)), path.parent))
             cont["methods"][name] = rounds
         summary["continual"] = cont
     summary["timings_s"] = {path.stem: _read(path) for path in sorted(out.glob("timings*.json"))}
@@ -329,9 +345,11 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
 
     def timed(stage: str, fn):
         started = time.perf_counter()
-        fn()
-        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)  # summed over resumed sessions
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+        try:
+            fn()
+        finally:  # a stage stopped part-way (Ctrl-C, SIGTERM) still counts the time it ran
+            timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)  # summed over resumed sessions
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
 
     for stage in [] if cfg.summary_only else cfg.stage_order():
         if stage == "continual":

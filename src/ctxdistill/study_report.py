@@ -61,7 +61,8 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
     s_dom, s_key = scale(domain), scale(key)
     base_dom = base["metrics"][domain]["value"] * s_dom
     base_key = base["metrics"].get(key, {}).get("value")
-    header = ["method"] + [f"+{g:g} pts" for g in gains]
+    unit = "pts" if s_dom == 100 else METRICS.get(domain, ("", "nats"))[1]
+    header = ["method"] + [f"+{g:g} {unit}" for g in gains]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, by_lr in groups.items():
         pts = []
@@ -140,9 +141,10 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
     if not runs:
         return lines + ["No run finished yet.", ""], {}
     n_runs = len(runs)
+    digits = 1 if scale(domain) == 100 else 3
     lines += [f"{n_runs} runs ({len(groups)} methods). Domain score: `{domain}` ({METRICS.get(domain, (domain,))[0]}), "
               f"n = {base['metrics'][domain]['n'] if base else '?'} probes; initial model "
-              f"{base['metrics'][domain]['value'] * scale(domain):.1f} ± {base['metrics'][domain]['stderr'] * scale(domain):.1f}." if base else "", ""]
+              f"{base['metrics'][domain]['value'] * scale(domain):.{digits}f} ± {base['metrics'][domain]['stderr'] * scale(domain):.{digits}f}." if base else "", ""]
     # CP table
     lines += [f"### Each method at its CP learning rate", "",
               f"CP rule: the learning rate with the best domain score among those that lose at most {threshold:g} points on "
@@ -163,7 +165,10 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
     if base:
         max_gain = max((mean_metric(rs, domain) or {"value": -1})["value"] for by_lr in groups.values() for rs in by_lr.values())
         top = (max_gain - base["metrics"][domain]["value"]) * scale(domain)
-        gains = [g for g in (4, 8, 12, 16, 20, 25, 30) if g <= top] or [round(top / 2, 1)]
+        if scale(domain) == 100:  # points of accuracy
+            gains = [g for g in (4, 8, 12, 16, 20, 25, 30) if g <= top] or [round(top / 2, 1)]
+        else:  # a log-probability: a quarter, half and three quarters of the largest gain any run reached
+            gains = [round(top * f, 2) for f in (0.25, 0.5, 0.75)] if top > 0 else []
         lines += ["### At matched domain score", "",
                   "Each method's curve over learning rates (initial model, then increasing lr), read by linear interpolation "
                   "where its domain score first reaches the initial score plus the column's gain: the change in a retention "
@@ -304,6 +309,28 @@ def plot_continual(path: Path, series: dict, base: dict | None, probe_round: dic
     plt.close(fig)
 
 
+def compute_account(summary: dict) -> list[str]:
+    """What the evaluated runs cost, summed from their own records (model load, generation, training, evaluation):
+    the study's time on one process, whatever sessions and processes it was actually spread over."""
+    evals = [e for d in summary.get("domains", {}).values() for e in ([d.get("baseline")] + list(d.get("runs", []))) if e]
+    cont = summary.get("continual") or {}
+    evals += ([cont["baseline"]] if cont.get("baseline") else []) + [e for rounds in cont.get("methods", {}).values() for e in rounds]
+    if not evals:
+        return []
+    parts = {"load": 0.0, "generate": 0.0, "train": 0.0, "evaluate": 0.0}
+    for e in evals:
+        timings = e.get("run", {}).get("timings_s") or {}
+        parts["train"] += timings.get("train", e.get("run", {}).get("train_s") or 0.0)
+        parts["load"] += timings.get("load", 0.0)
+        parts["generate"] += timings.get("generate", 0.0)
+        parts["evaluate"] += (e.get("timings_s") or {}).get("total", 0.0)
+    total = sum(parts.values())
+    return [f"Compute in the {len(evals)} evaluations and the runs behind them, summed from their own records: training "
+            f"{parts['train'] / 60:.0f} min, text generation {parts['generate'] / 60:.0f} min, model loading {parts['load'] / 60:.0f} min, "
+            f"evaluation {parts['evaluate'] / 60:.0f} min; {total / 3600:.2f} h on one process, i.e. ≈ {total / 7200:.2f} h of wall time "
+            "on two processes side by side (start-up and waiting not included).", ""]
+
+
 def write_results(summary: dict, results_dir: Path, reading: str = "", log=print) -> dict:
     results_dir = Path(results_dir)
     figures = results_dir / "results"
@@ -331,8 +358,9 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     if reading and Path(reading).is_file():
         lines += ["## Reading", "", Path(reading).read_text(encoding="utf-8").strip(), ""]
     extra = {}
+    lines += compute_account(summary)
     for name, data in summary.get("domains", {}).items():
-        section, info = domain_section(name, data, domain, threshold, figures)
+        section, info = domain_section(name, data, data.get("domain_metric") or domain, threshold, figures)
         lines += section
         extra[name] = info
     if summary.get("continual"):
