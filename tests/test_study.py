@@ -128,12 +128,17 @@ def test_a_stage_stopped_part_way_still_records_its_time(tmp_path, tiny_model_di
 
 
 def test_shards_split_the_plan_and_together_cover_it(tmp_path, tiny_model_dir, corpus_file):
+    from dataclasses import replace
+
     from ctxdistill.sweep import SweepConfig
 
     cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file))).validate()
     whole = cfg.sweep_config("news").plan()
     parts = [load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, shard=f"{i}/2"))).sweep_config("news").plan() for i in range(2)]
     assert sorted(parts[0] + parts[1]) == sorted(whole) and not set(parts[0]) & set(parts[1])
+    staggered = SweepConfig(methods=["ft", "disc", "rephrase", "cd_base"], lrs=[1e-5, 1e-4])
+    orders = [[m for m, _, _ in replace(staggered, shard=f"{i}/2").plan()] for i in range(2)]
+    assert orders == [["ft", "disc", "rephrase", "cd_base"], ["rephrase", "cd_base", "ft", "disc"]]  # never the same method at once
     with pytest.raises(CtxDistillError, match="i/n"):
         SweepConfig(shard="two").shard_of()
     with pytest.raises(CtxDistillError, match="0..n-1"):

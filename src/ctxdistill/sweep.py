@@ -112,10 +112,16 @@ class SweepConfig:
         return self.method_overrides.get(name, {}).get("seeds", self.seeds)
 
     def plan(self) -> list[tuple[str, float, int]]:
-        """Every (method, lr, seed) of the sweep, or this shard's share of them."""
+        """Every (method, lr, seed) of the sweep, or this shard's share of them.
+
+        Shard i takes every n-th run and starts i/n of the way into its share, so the shards reach a
+        method at different times: a method that generates text first (rephrase, cd_base, mixsd)
+        generates once and the other shards find its texts in the cache instead of waiting for them."""
         everything = [(m, lr, s) for m in self.methods for lr in self.lrs_of(m) for s in self.seeds_of(m)]
         i, n = self.shard_of()
-        return everything[i::n]
+        share = everything[i::n]
+        start = i * len(share) // n
+        return share[start:] + share[:start]
 
     def train_config(self, method: str, lr: float, seed: int) -> TrainConfig:
         overrides = {k: v for k, v in self.method_overrides.get(method, {}).items() if k not in ("method", "lrs", "seeds")}
