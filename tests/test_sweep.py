@@ -65,3 +65,31 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
     with pytest.raises(RuntimeError, match="stop"):
         run_sweep(cfg, **quiet)
     assert calls == [str(out / "runs" / "ft_lr0.001_s7")]
+
+
+def test_a_later_shard_trains_before_it_waits_for_the_baseline(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    """Shard 0 evaluates the initial model; shard 1 uses that time to train, and waits only before evaluating."""
+    import ctxdistill.sweep as sweep
+    import ctxdistill.train
+
+    events = []
+    real_train = ctxdistill.train.train
+
+    class Stop(Exception):
+        pass
+
+    def train(*args, **kwargs):
+        events.append("train")
+        return real_train(*args, **kwargs)
+
+    def wait_for(path, log=print):
+        events.append("wait")
+        raise Stop
+
+    monkeypatch.setattr(ctxdistill.train, "train", train)
+    monkeypatch.setattr(sweep, "wait_for", wait_for)
+    cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, shard="1/2")))
+    with pytest.raises(Stop):
+        run_sweep(cfg, log=lambda *_: None, progress=False)
+    assert events == ["train", "wait"]
+    assert not (tmp_path / "sweep" / "baseline" / "eval.json").exists()  # only shard 0 evaluates the initial model

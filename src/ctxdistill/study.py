@@ -204,18 +204,21 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
     eval_values = dict(cfg.eval) | dict(spec.get("eval", {})) | {"probes": str(data / "probes.jsonl"), "overwrite": True}
     baseline_dir = root / "baseline"
     shard, shards = cfg.sweep_shard()
-    if shard > 0:
-        from .sweep import wait_for
-
-        wait_for(baseline_dir / "eval.json", log)
     tokenizer = load_tokenizer(cfg.model)
     device = resolve_device(dict(cfg.train).get("device", "auto"))
     initial = load_model(cfg.model, dtype=torch.float32).to(device)
-    if not (baseline_dir / "eval.json").is_file():
+    if shard == 0 and not (baseline_dir / "eval.json").is_file():
         log("study: continual: evaluating the initial model on every round's probes")
         evaluate_model(initial, tokenizer, build_config(EvalConfig, None, eval_values | {"out": str(baseline_dir), "model": cfg.model}),
                        run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
-    responses = load_responses(baseline_dir / "reference_responses.jsonl") if (baseline_dir / "reference_responses.jsonl").is_file() else None
+
+    def baseline_responses():
+        """Other shards train their first round while shard 0 evaluates the baseline; they wait only here."""
+        from .sweep import wait_for
+
+        wait_for(baseline_dir / "eval.json", log)
+        path = baseline_dir / "reference_responses.jsonl"
+        return load_responses(path) if path.is_file() else None
 
     for name, options in list(spec["methods"].items())[shard::shards]:
         options = dict(options)
@@ -236,7 +239,8 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
                         "name": f"{name}_round{r}", "train_s": result.summary["timings_s"]["train"], "steps": result.summary["counts"]["steps"]}
             eval_cfg = build_config(EvalConfig, None, eval_values | {"out": str(run_dir), "model": str(run_dir / "model"), "reference": cfg.model,
                                                                       "corpus": str(data / f"round{r}.jsonl")})
-            evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=responses, run_info=run_info, log=log)
+            evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=baseline_responses(),
+                           run_info=run_info, log=log)
             model_path = str(run_dir / "model")
             del result
             gc.collect()

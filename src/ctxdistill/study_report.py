@@ -339,18 +339,18 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     threshold = float(summary.get("cp_threshold", 5.0))
     env = summary.get("environment", {})
     timings = summary.get("timings_s", {})
-    sums = {name: sum(v for v in stages.values() if isinstance(v, (int, float))) for name, stages in timings.items()}
-    shards = [v for k, v in sums.items() if ".shard" in k]
-    total = (max(shards) if shards else 0.0) + sum(v for k, v in sums.items() if ".shard" not in k)  # shards ran side by side
     lines = ["# ctxdistill study: DiSC against the baselines", "",
              "Written by `ctxdistill study --config configs/study.yaml` from `docs/results/study_summary.json` "
              "(rebuild without training: `ctxdistill study --report-only --results-dir docs --reading docs/results_reading.md`).", "",
              f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch thread(s) per process"
              + (f", {len([k for k in timings if '.shard' in k])} processes side by side (`--shard`)" if any(".shard" in k for k in timings) else "")
-             + f", torch {env.get('torch', '?')}, "
-             f"CUDA {'yes' if env.get('cuda') else 'no'}. Stage times the processes recorded (a stage stopped and resumed is not recorded): "
-             + ("; ".join(f"{name}: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()) for name, stages in timings.items())
-                + f"; wall time in all {total / 60:.0f} min (processes running side by side counted once)." if timings else "not recorded."), ""]
+             + f", torch {env.get('torch', '?')}, CUDA {'yes' if env.get('cuda') else 'no'}.", ""]
+    lines += compute_account(summary)
+    if timings:
+        lines += ["Stage wall times the processes recorded, summed over the sessions the study was resumed in (a session stopped "
+                  "part-way by a ctxdistill older than 2026-11-22 did not record its time): "
+                  + "; ".join(f"{name}: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()) for name, stages in timings.items())
+                  + ".", ""]
     missing = summary.get("not_finished") or []
     if missing:
         lines += [f"**Not finished when this summary was written ({len(missing)} planned runs):** " + ", ".join(f"`{m}`" for m in missing)
@@ -358,7 +358,6 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     if reading and Path(reading).is_file():
         lines += ["## Reading", "", Path(reading).read_text(encoding="utf-8").strip(), ""]
     extra = {}
-    lines += compute_account(summary)
     for name, data in summary.get("domains", {}).items():
         section, info = domain_section(name, data, data.get("domain_metric") or domain, threshold, figures)
         lines += section

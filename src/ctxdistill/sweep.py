@@ -193,17 +193,28 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
     device = resolve_device(cfg.train_config(*plan[0]).device)
     tokenizer = load_tokenizer(cfg.model)
     initial = None
-    if shard > 0:
-        wait_for(out / "baseline" / "eval.json", log)
-    if not (out / "baseline" / "eval.json").is_file():
+    baseline = out / "baseline" / "eval.json"
+    if shard == 0 and not baseline.is_file():
         log(f"sweep: evaluating the initial model {cfg.model} (baseline)")
         initial = load_model(cfg.model, dtype=torch.float32).to(device)
         evaluate_model(initial, tokenizer, baseline_cfg, run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
-    else:
+    elif baseline.is_file():
         log("sweep: baseline already evaluated")
-    status["baseline"] = str(out / "baseline" / "eval.json")
-    save_status()
-    reference_responses = load_responses(out / "baseline" / "reference_responses.jsonl") if (out / "baseline" / "reference_responses.jsonl").is_file() else None
+    reference: dict = {}
+
+    def baseline_responses():
+        """The initial model's replies, once its evaluation exists: the other shards train their first run
+        while shard 0 evaluates the baseline, and wait for it only before their first evaluation."""
+        if "responses" not in reference:
+            wait_for(baseline, log)
+            status["baseline"] = str(baseline)
+            save_status()
+            path = out / "baseline" / "reference_responses.jsonl"
+            reference["responses"] = load_responses(path) if path.is_file() else None
+        return reference["responses"]
+
+    if baseline.is_file():
+        baseline_responses()
 
     for i, (method, lr, seed) in enumerate(plan, start=1):
         name = cfg.run_name(method, lr, seed)
@@ -222,7 +233,7 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
         run_info = {"method": method, "base_method": train_cfg.method, "lr": lr, "seed": seed, "name": name, "train_config": to_dict(train_cfg),
                     "train_s": result.summary["timings_s"]["train"], "steps": result.summary["counts"]["steps"]}
         log(f"sweep: [{i}/{len(plan)}] {name}: evaluating")
-        evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=reference_responses,
+        evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=baseline_responses(),
                        run_info=run_info, log=log)
         status["runs"][name] = "finished"
         save_status()
