@@ -43,7 +43,7 @@ METRICS = {
 }
 SKILLS = ("ifeval.inst_strict", "gsm8k.accuracy", "humaneval.pass@1")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22",
-          "#000080", "#ff1493"]
+          "#000080", "#ff1493", "#b8860b"]
 
 
 @dataclass

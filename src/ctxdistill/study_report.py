@@ -78,8 +78,8 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
     return lines
 
 
-PAIRED = (("disc", "ft"), ("disc_all", "ft"), ("disc", "ft_kl"), ("disc_chat", "disc"), ("disc_ctx", "disc"), ("disc_t1", "disc"),
-          ("disc_ctx", "ft"), ("disc_t1", "ft"))
+PAIRED = (("disc", "ft"), ("disc_all", "ft"), ("disc", "ft_kl"), ("disc_chat", "disc"), ("disc_ctx", "disc"), ("disc_ctx_strict", "disc"),
+          ("disc_t1", "disc"), ("disc_ctx", "ft"), ("disc_ctx_strict", "ft"), ("disc_t1", "ft"))
 PAIRED_KEYS = ("knowledge.mcq_loglik", "knowledge.gold_option_logprob", "ifeval.prompt_strict", "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl",
                "nq_open.gold_logprob", "gsm8k.gold_logprob", "mmlu.accuracy")
 
