@@ -279,7 +279,7 @@ def plot_frontier(path: Path, base: dict | None, groups: dict, selection: dict, 
             ax.scatter([bx], [by], marker="*", s=220, color="black", zorder=6, label="initial model")
         label, kind = METRICS.get(xkey, (xkey, "prop"))
         ax.set_xlabel(label + (" (points)" if kind == "prop" else " (nats/token)") + "  → better")
-        ax.set_ylabel(METRICS.get(domain, (domain,))[0] + " (points)")
+        ax.set_ylabel(METRICS.get(domain, (domain,))[0] + (" (points)" if scale(domain) == 100 else " (nats)"))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("Knowledge gained vs capability retained (labels: learning rate; circle: CP selection; bars: ±1 SE)", fontsize=10)

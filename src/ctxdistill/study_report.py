@@ -326,9 +326,10 @@ def compute_account(summary: dict) -> list[str]:
         parts["evaluate"] += (e.get("timings_s") or {}).get("total", 0.0)
     total = sum(parts.values())
     return [f"Compute in the {len(evals)} evaluations and the runs behind them, summed from their own records: training "
-            f"{parts['train'] / 60:.0f} min, text generation {parts['generate'] / 60:.0f} min, model loading {parts['load'] / 60:.0f} min, "
+            f"{parts['train'] / 60:.0f} min, text generation {parts['generate'] / 60:.0f} min, loading (and waiting for texts another "
+            f"process was generating) {parts['load'] / 60:.0f} min, "
             f"evaluation {parts['evaluate'] / 60:.0f} min; {total / 3600:.2f} h on one process, i.e. ≈ {total / 7200:.2f} h of wall time "
-            "on two processes side by side (start-up and waiting not included).", ""]
+            "on two processes side by side (process start-up not included).", ""]
 
 
 def write_results(summary: dict, results_dir: Path, reading: str = "", log=print) -> dict:
