@@ -9,7 +9,7 @@ and seed reads its positions from the same cache.
 Layout: `manifest.json` (format version, the key it was built for, shard list with sizes and sha256)
 and `shard-NNNNN.safetensors` files holding `ids` (int32 [P, k]), `logprobs` (float32 [P, k]) and
 `tail` (float32 [P]). The key hashes the initial weights, the tokenised corpus (which covers the
-tokenizer, the windowing and the text), the temperature and k; a cache built for anything else, or a
+tokenizer, the windowing and the text; `files.fingerprint`), the temperature and k; a cache built for anything else, or a
 truncated one, is refused with a message that says what differs.
 """
 
@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CtxDistillError
-from .models import sha256_of
+from .files import sha256_of
 
 CACHE_FORMAT = 1
 SHARD_POSITIONS = 1 << 16
@@ -58,14 +57,6 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def corpus_fingerprint(examples) -> str:
-    """sha256 over every window's id and per-sentence token ids."""
-    digest = hashlib.sha256()
-    for doc in examples:
-        digest.update(json.dumps([doc.doc_id, doc.sentence_ids]).encode())
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def teacher_topk(teacher, token_ids: list[int], k: int, temperature: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids and log-probs (at T) of the teacher's prediction at positions 0..L-2, and the tail mass."""
@@ -78,47 +69,67 @@ def teacher_topk(teacher, token_ids: list[int], k: int, temperature: float, devi
     return top_ids.int().cpu(), top_logprobs.cpu(), tail.cpu()
 
 
+def check_cache_destination(out: Path, overwrite: bool) -> Path:
+    """Where a cache may be written: a new path, an existing cache (replaced only with --overwrite), or an
+    empty directory. Anything else -- a directory holding the user's files, `.`, a file -- is refused."""
+    from .files import check_writable_location, dangerous_to_delete
+
+    check_writable_location(out)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise CtxDistillError(f"--out {out} exists and is not a directory; choose a new directory for the teacher cache")
+    if not any(out.iterdir()):
+        return out
+    why = dangerous_to_delete(out)
+    if why:
+        raise CtxDistillError(f"refusing to write the teacher cache into {out}: {why}; choose a new directory for --out")
+    if not (out / "manifest.json").is_file() or any(not (p.name == "manifest.json" or p.name.startswith("shard-")) for p in out.iterdir()):
+        raise CtxDistillError(f"--out {out} is not empty and is not a teacher cache; choose a new directory (nothing was changed)")
+    if not overwrite:
+        raise CtxDistillError(f"--out {out} already holds a teacher cache; pass --overwrite to rebuild it, or choose another --out")
+    return out
+
+
 def build_cache(teacher, examples, key: CacheKey, out_dir: str | Path, device, progress: bool = True) -> dict:
-    """Write the cache for `examples` (SegmentedDoc windows) to `out_dir`, atomically."""
+    """Write the cache for `examples` (SegmentedDoc windows) to `out_dir`, atomically: a kill or a full
+    disk leaves the previous cache (or nothing) and no temporary files."""
     from tqdm.auto import tqdm
 
+    from .files import atomic_directory, sha256_of, write_json_atomic
+
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     started = time.perf_counter()
-    shards, buffer, documents, buffered = [], [], [], 0
+    with atomic_directory(out, f"the teacher cache {out}", "no cache was written") as tmp:
+        shards, buffer, documents, buffered = [], [], [], 0
 
-    def flush():
-        nonlocal buffer, documents, buffered
-        if not buffer:
-            return
-        name = f"shard-{len(shards):05d}.safetensors"
-        tensors = {"ids": torch.cat([b[0] for b in buffer]), "logprobs": torch.cat([b[1] for b in buffer]),
-                   "tail": torch.cat([b[2] for b in buffer])}
-        save_file(tensors, tmp / name)
-        shards.append({"file": name, "bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name),
-                       "positions": buffered, "documents": documents})
-        buffer, documents, buffered = [], [], 0
+        def flush():
+            nonlocal buffer, documents, buffered
+            if not buffer:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {"ids": torch.cat([b[0] for b in buffer]), "logprobs": torch.cat([b[1] for b in buffer]),
+                       "tail": torch.cat([b[2] for b in buffer])}
+            save_file(tensors, tmp / name)
+            shards.append({"file": name, "bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name),
+                           "positions": buffered, "documents": documents})
+            buffer, documents, buffered = [], [], 0
 
-    for doc in tqdm(examples, desc="cache-teacher", unit="doc", disable=not progress):
-        token_ids = doc.token_ids
-        if len(token_ids) < 2:
-            continue
-        top_ids, top_logprobs, tail = teacher_topk(teacher, token_ids, key.k, key.temperature, device)
-        documents.append({"id": doc.doc_id, "offset": buffered, "positions": len(token_ids) - 1})
-        buffer.append((top_ids, top_logprobs, tail))
-        buffered += len(token_ids) - 1
-        if buffered >= SHARD_POSITIONS:
-            flush()
-    flush()
-    manifest = {"format": CACHE_FORMAT, "key": asdict(key), "shards": shards,
-                "positions": sum(s["positions"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
-                "build_seconds": round(time.perf_counter() - started, 3)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        for doc in tqdm(examples, desc="cache-teacher", unit="doc", disable=not progress):
+            token_ids = doc.token_ids
+            if len(token_ids) < 2:
+                continue
+            top_ids, top_logprobs, tail = teacher_topk(teacher, token_ids, key.k, key.temperature, device)
+            documents.append({"id": doc.doc_id, "offset": buffered, "positions": len(token_ids) - 1})
+            buffer.append((top_ids, top_logprobs, tail))
+            buffered += len(token_ids) - 1
+            if buffered >= SHARD_POSITIONS:
+                flush()
+        flush()
+        manifest = {"format": CACHE_FORMAT, "key": asdict(key), "shards": shards,
+                    "positions": sum(s["positions"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
+                    "build_seconds": round(time.perf_counter() - started, 3)}
+        write_json_atomic(tmp / "manifest.json", manifest, indent=1)
     return manifest
 
 
@@ -135,15 +146,7 @@ class TeacherCache:
     @classmethod
     def open(cls, path: str | Path, expected: CacheKey | None = None, verify_checksums: bool = False) -> "TeacherCache":
         path = Path(path)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise CtxDistillError(f"{path} is not a teacher cache (no manifest.json); build one with `ctxdistill cache-teacher`")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise CtxDistillError(f"{manifest_path} is corrupt; rebuild the cache with `ctxdistill cache-teacher`") from None
-        if manifest.get("format") != CACHE_FORMAT:
-            raise CtxDistillError(f"teacher cache {path} has format {manifest.get('format')}, expected {CACHE_FORMAT}; rebuild it")
+        manifest = cls.read_manifest(path)
         if expected is not None:
             different = expected.differences(CacheKey(**manifest["key"]))
             if different:
@@ -156,11 +159,38 @@ class TeacherCache:
                 raise CtxDistillError(f"teacher cache {path} is truncated or damaged ({shard['file']} missing or wrong size); rebuild it")
             if verify_checksums and sha256_of(file) != shard["sha256"]:
                 raise CtxDistillError(f"teacher cache {path}: checksum mismatch in {shard['file']}; rebuild it")
-            with safe_open(file, framework="pt") as f:
-                tensors[shard["file"]] = {name: f.get_tensor(name) for name in ("ids", "logprobs", "tail")}
+            try:
+                with safe_open(file, framework="pt") as f:
+                    tensors[shard["file"]] = {name: f.get_tensor(name) for name in ("ids", "logprobs", "tail")}
+            except (SafetensorError, OSError, KeyError) as exc:
+                raise CtxDistillError(f"teacher cache {path}: {shard['file']} is damaged ({type(exc).__name__}); rebuild it with "
+                                      f"`ctxdistill cache-teacher --overwrite`") from None
             if len(tensors[shard["file"]]["ids"]) != shard["positions"]:
                 raise CtxDistillError(f"teacher cache {path}: {shard['file']} holds the wrong number of positions; rebuild it")
         return cls(path, manifest, tensors)
+
+    @staticmethod
+    def read_manifest(path: Path) -> dict:
+        """The cache's manifest, checked for shape; a missing, truncated or foreign one is one clear error."""
+        manifest_path = Path(path) / "manifest.json"
+        rebuild = "rebuild the cache with `ctxdistill cache-teacher --overwrite`"
+        if not manifest_path.is_file():
+            raise CtxDistillError(f"{path} is not a teacher cache (no manifest.json); build one with `ctxdistill cache-teacher`")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise CtxDistillError(f"{manifest_path} is corrupt (not valid JSON); {rebuild}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise CtxDistillError(f"teacher cache {path} has format {found}, expected {CACHE_FORMAT}; {rebuild}")
+        try:
+            CacheKey(**manifest["key"])
+            for shard in manifest["shards"]:
+                for name in ("file", "bytes", "positions", "documents"):
+                    shard[name]
+        except (KeyError, TypeError):
+            raise CtxDistillError(f"{manifest_path} is incomplete (missing key or shard fields); {rebuild}") from None
+        return manifest
 
     def lookup(self, doc_id: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if doc_id not in self._where:
@@ -171,36 +201,3 @@ class TeacherCache:
         rows = positions.cpu() + offset
         shard = self._tensors[file]
         return shard["logprobs"][rows], shard["ids"][rows]
-
-
-def open_for_run(path: str | Path, student, examples, temperature: float) -> TeacherCache:
-    """Open a cache for a training run, refusing it unless it was built for this exact teacher and data."""
-    manifest_path = Path(path) / "manifest.json"
-    k = json.loads(manifest_path.read_text())["key"]["k"] if manifest_path.is_file() else 0
-    expected = CacheKey(weights_fingerprint(student), corpus_fingerprint(examples), float(temperature), k,
-                        student.get_output_embeddings().weight.shape[0])
-    return TeacherCache.open(path, expected)
-
-
-def cache_teacher(cfg, out_dir: str, k: int = 64, progress: bool = True, log=print) -> dict:
-    """Build the cache for the documents a DiSC run with `cfg` (a TrainConfig) would train on."""
-    from .corpus import load_corpus
-    from .methods.disc import Disc
-    from .models import Teacher, load_model, load_tokenizer
-    from .train import DTYPES, autocast, resolve_device
-
-    if k < 1:
-        raise CtxDistillError(f"k must be >= 1, got {k}")
-    device = resolve_device(cfg.device)
-    documents, _ = load_corpus(cfg.corpus, cfg.text_field, cfg.id_field, cfg.min_chars)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    examples = Disc().prepare(documents, tokenizer, cfg).examples
-    vocab = model.get_output_embeddings().weight.shape[0]
-    key = CacheKey(weights_fingerprint(model), corpus_fingerprint(examples), float(cfg.temperature), min(k, vocab), vocab)
-    teacher = Teacher(model=model.to(device=device, dtype=DTYPES[cfg.teacher_dtype]))
-    with autocast(device, cfg.precision):
-        manifest = build_cache(teacher, examples, key, out_dir, device, progress)
-    log(f"cache-teacher: {len(examples)} documents, {manifest['positions']} positions, "
-        f"{manifest['bytes'] / max(manifest['positions'], 1):.0f} bytes/position, {manifest['build_seconds']:.1f} s -> {out_dir}")
-    return manifest

@@ -1,0 +1,90 @@
+"""The one home of the environment: device, dtypes, autocast, threads, library versions, cache root.
+
+Nothing deeper in the library reads environment variables or picks a device on its own; it asks here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import CtxDistillError
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+
+
+def cache_root() -> Path:
+    """User cache for ctxdistill (models, Punkt tables, generations); override with CTXDISTILL_CACHE."""
+    root = os.environ.get("CTXDISTILL_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctxdistill"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`; anything else is refused in one line."""
+    kind, _, index = name.partition(":")
+    if kind not in DEVICE_KINDS or (index and not (kind == "cuda" and index.isdigit())) or (kind == "auto" and index):
+        raise CtxDistillError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CtxDistillError(f"device {name} requested but CUDA is not available; use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise CtxDistillError(f"device {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CtxDistillError(f"device {name} requested but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast over fp32 master weights (sound on CPUs with bf16 matmuls and on GPUs)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_threads(threads: int) -> None:
+    """Torch CPU threads for this process (0 = torch's default). One thread per process on a shared CPU."""
+    if threads < 0:
+        raise CtxDistillError(f"threads must be >= 0, got {threads}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def versions() -> dict:
+    """Library versions recorded with every run and evaluation."""
+    import accelerate
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"ctxdistill": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def launched_world_size() -> int:
+    """Processes started by torchrun / accelerate launch (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Timer:
+    """`with Timer() as t: ...` then `t.seconds`."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,147 @@
+"""The teacher: one interface for the frozen model a method distils from.
+
+Three kinds, all used the same way by the methods:
+- a frozen copy of the initial model (full fine-tuning; `teacher_dtype`),
+- the student with its LoRA adapter disabled (no second copy in memory),
+- the top-k cache written by `ctxdistill cache-teacher` (DiSC only; no model at all).
+
+A live teacher runs forward passes (`teacher(...)`, `teacher.hidden_states(...)`, `teacher.head_weight`);
+the cache answers `teacher.cached(doc_id, positions)` instead. Methods ask `teacher.live`, never the
+teacher's type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .errors import CtxDistillError
+from .models import final_hidden_states
+
+
+class Teacher:
+    """The frozen initial model. Under LoRA it is the student with its adapter disabled (no copy)."""
+
+    live = True
+
+    def __init__(self, model=None, student=None):
+        if (model is None) == (student is None):
+            raise ValueError("give either a frozen model or a PEFT student")
+        self.model = model
+        self.student = student
+        if model is not None:
+            model.eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _frozen(self):
+        """The module to run as the teacher: the frozen model, or the student with its adapter off."""
+        if self.student is None:
+            yield self.model
+            return
+        was_training = self.student.training
+        self.student.eval()  # no LoRA dropout on the adapter-free path, and no dropout in the base
+        try:
+            with self.student.disable_adapter():
+                yield self.student
+        finally:
+            self.student.train(was_training)
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        with self._frozen() as model:
+            return model(*args, **kwargs)
+
+    @torch.no_grad()
+    def hidden_states(self, **kwargs) -> torch.Tensor:
+        """Final (normed) hidden states [B, L, H]; the LM head is applied separately, in chunks."""
+        with self._frozen() as model:
+            return final_hidden_states(model, **kwargs)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return (self.model if self.student is None else self.student).get_output_embeddings().weight
+
+    def cached(self, doc_id: str, positions: torch.Tensor):
+        raise CtxDistillError("this teacher is a live model; it has no cached distributions")
+
+
+class CachedTeacher:
+    """The teacher's top-k distributions read from a cache (`ctxdistill cache-teacher`): no model."""
+
+    live = False
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def cached(self, doc_id: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-k log-probs at the cache's temperature, top-k token ids) at `positions` of `doc_id`."""
+        return self.cache.lookup(doc_id, positions)
+
+    def __call__(self, *args, **kwargs):
+        raise CtxDistillError("this run's teacher is a top-k cache, which cannot run the model; drop --teacher-cache")
+
+    def hidden_states(self, **kwargs):
+        return self(**kwargs)
+
+
+def build_teacher(cfg, student, device: torch.device, examples=None):
+    """LoRA: the student with its adapter disabled. Full FT: a frozen copy loaded from the same source
+    (never a deep copy of the student, which may be sharded).
+
+    With `cfg.disc.teacher_cache`, no teacher model at all: the cached top-k distributions, checked
+    against this run's initial weights, prepared corpus and temperature.
+    """
+    from .models import load_model
+    from .runtime import DTYPES
+
+    if cfg.disc.teacher_cache:
+        return CachedTeacher(open_cache_for_run(cfg.disc.teacher_cache, student, examples, cfg.disc.temperature))
+    if cfg.student == "lora":
+        if cfg.teacher_model:
+            raise CtxDistillError("teacher_model works with full fine-tuning only: a LoRA student's teacher is its own adapter-disabled model")
+        return Teacher(student=student)
+    frozen = load_model(cfg.teacher_model or cfg.model, dtype=DTYPES[cfg.teacher_dtype], trust_remote_code=cfg.trust_remote_code,
+                        allow_pickle_weights=cfg.allow_pickle_weights)
+    return Teacher(model=frozen.to(device))
+
+
+def open_cache_for_run(path: str | Path, student, examples, temperature: float):
+    """Open a cache for a training run, refusing it unless it was built for this exact teacher and data."""
+    from .files import fingerprint
+    from .teacher_cache import CacheKey, TeacherCache, weights_fingerprint
+
+    manifest = TeacherCache.read_manifest(Path(path))
+    expected = CacheKey(weights_fingerprint(student), fingerprint(examples), float(temperature), manifest["key"].get("k", 0),
+                        student.get_output_embeddings().weight.shape[0])
+    return TeacherCache.open(path, expected)
+
+
+def cache_teacher(cfg, out_dir: str, k: int = 64, progress: bool = True, log=print) -> dict:
+    """Build the cache for the documents a DiSC run with `cfg` (a TrainConfig) would train on."""
+    from .files import OutputLock, fingerprint
+    from .methods.base import PrepareContext
+    from .methods.disc import Disc
+    from .models import load_model, load_tokenizer
+    from .runtime import DTYPES, autocast, resolve_device
+    from .teacher_cache import CacheKey, build_cache, check_cache_destination, weights_fingerprint
+
+    if k < 1:
+        raise CtxDistillError(f"k must be >= 1, got {k}")
+    destination = check_cache_destination(Path(out_dir).expanduser(), cfg.overwrite)
+    device = resolve_device(cfg.device)
+    method = Disc(cfg.replace(method="disc").validate())
+    documents, _ = method.load()
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, allow_pickle_weights=cfg.allow_pickle_weights)
+    examples = method.prepare(documents, PrepareContext(tokenizer, method.cfg)).examples
+    vocab = model.get_output_embeddings().weight.shape[0]
+    key = CacheKey(weights_fingerprint(model), fingerprint(examples), float(cfg.disc.temperature), min(k, vocab), vocab)
+    teacher = Teacher(model=model.to(device=device, dtype=DTYPES[cfg.teacher_dtype]))
+    with OutputLock(destination, "teacher cache", lock_file=destination.with_name(f".{destination.name}.lock")):
+        with autocast(device, cfg.precision):
+            manifest = build_cache(teacher, examples, key, destination, device, progress)
+    log(f"cache-teacher: {len(examples)} documents, {manifest['positions']} positions, "
+        f"{manifest['bytes'] / max(manifest['positions'], 1):.0f} bytes/position, {manifest['build_seconds']:.1f} s -> {destination}")
+    return manifest
