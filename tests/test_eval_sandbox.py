@@ -50,7 +50,8 @@ def test_files_outside_the_sandbox_are_untouched(tmp_path):
     for program in attempts:
         result = run_program(program, FAST)
         assert not result.passed, program
-        assert "sandbox" in result.reason, (program, result.reason)
+        # refused by the audit hook, or the path does not exist in the sandbox's own file system
+        assert "sandbox" in result.reason or result.reason in ("failed: FileNotFoundError", "failed: OSError"), (program, result.reason)
     assert victim.read_text() == "keep"
 
 
