@@ -75,3 +75,169 @@ def test_humaneval_program_and_parallel_runs():
     loop = humaneval_program(prompt, "    while True:\n        pass\n", test, "add")
     results = run_programs([good, bad, loop], FAST, workers=2)
     assert [r.passed for r in results] == [True, False, False]
+
+
+# --- The isolation boundary: programs that get past the audit hook meet the namespaces -------------------
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from ctxdistill.errors import CtxDistillError
+from ctxdistill.evaluate import sandbox
+
+# The issue's escape: subprocess without its audit event, so the child is a fresh python with no hook
+# (it runs through _posixsubprocess.fork_exec). `unguarded(code)` runs `code` in such a child.
+ESCAPE = '''
+import subprocess, sys, types
+class _NoAudit(types.ModuleType):
+    def __getattr__(self, name):
+        return getattr(sys, name)
+    @staticmethod
+    def audit(*args):
+        pass
+subprocess.sys = _NoAudit("sys")
+'''
+ROOMY = Limits(wall_seconds=4.0, cpu_seconds=3, memory_mb=512, processes=16)  # lets the escape start its child
+
+
+def unguarded(code: str) -> str:
+    return ESCAPE + f"raise SystemExit(subprocess.run([sys.executable, '-I', '-S', '-c', {code!r}]).returncode)\n"
+
+
+def processes_with(token: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if token.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_the_escape_itself_reaches_an_unhooked_python():
+    """Control: the escape works (an unhooked child runs and may exit 0), so the cases below test the OS boundary."""
+    assert run_program(unguarded("import socket, ctypes"), ROOMY).passed
+
+
+def test_fork_exec_of_a_shell_is_refused_by_rlimit_nproc():
+    result = run_program(ESCAPE + "subprocess.run(['/bin/sh', '-c', 'echo escaped'])", FAST)
+    assert not result.passed and result.reason == "failed: BlockingIOError"  # RLIMIT_NPROC 1: no fork at all
+
+
+def test_a_shell_run_through_fork_exec_sees_no_user_files_and_writes_nothing(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    shell = f"cat /etc/passwd {victim} && echo gone > {victim}"
+    result = run_program(ESCAPE + f"raise SystemExit(subprocess.run(['/bin/sh', '-c', {shell!r}]).returncode)", ROOMY)
+    assert not result.passed and result.reason.startswith("failed")
+    assert victim.read_text() == "keep" and sorted(tmp_path.iterdir()) == [victim]
+
+
+@pytest.mark.parametrize("how", ["start_new_session", "double-fork daemon"])
+def test_a_detached_child_dies_with_the_sandbox(how, tmp_path):
+    token = uuid.uuid4().hex
+    marker = tmp_path / "written-later"
+    late = f"import time\ntime.sleep(1.5)\nopen({str(marker)!r}, 'w').write('escaped')  # {token}"
+    if how == "start_new_session":
+        program = ESCAPE + f"subprocess.Popen([sys.executable, '-I', '-S', '-c', {late!r}], start_new_session=True)\n"
+    else:
+        program = unguarded(f"import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                            f"        os.execv(sys.executable, [sys.executable, '-I', '-S', '-c', {late!r}])\n")
+    assert run_program(program, ROOMY).passed  # the parent exits 0 at once, leaving its child behind
+    time.sleep(0.3)
+    assert processes_with(token) == [], "a process outlived the sandbox"
+    time.sleep(1.6)
+    assert not marker.exists()
+
+
+def test_a_fork_bomb_stays_bounded_and_dies_with_the_sandbox():
+    token = uuid.uuid4().hex
+    bomb = f"import os, time  # {token}\nfor _ in range(12):\n    try:\n        os.fork()\n    except BlockingIOError:\n        pass\ntime.sleep(30)\n"
+    started = time.perf_counter()
+    result = run_program(unguarded(bomb), Limits(wall_seconds=2.0, cpu_seconds=2, memory_mb=512, processes=16))
+    assert result.reason == "timeout" and time.perf_counter() - started < 5
+    time.sleep(0.3)
+    assert processes_with(token) == []
+    assert run_program(bomb, FAST).reason == "failed: PermissionError (refused by the sandbox)"  # the hook, without the escape
+
+
+def test_no_network_not_even_loopback():
+    secret = uuid.uuid4().hex
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        connect = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+                   f"s.sendall({secret!r}.encode())\n")
+        guarded = run_program(connect, FAST)
+        escaped = run_program(unguarded(connect), ROOMY)
+        with pytest.raises(socket.timeout):
+            listener.accept()  # nothing ever connected
+    assert guarded.reason == "failed: PermissionError (refused by the sandbox)"
+    assert not escaped.passed
+    assert run_program(unguarded("import socket\nsocket.getaddrinfo('pypi.org', 443)"), ROOMY).reason.startswith("failed")
+
+
+@pytest.mark.parametrize("attack", [
+    "fd = os.open({dir!r}, os.O_RDONLY)\nos.close(os.open('dirfd.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd))",
+    "fd = os.open('/', os.O_RDONLY)\nos.close(os.open({dir!r}[1:] + '/dirfd.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd))",
+    "import sqlite3\nsqlite3.connect({dir!r} + '/db.sqlite').execute('create table t (x)')",
+    "os.mkfifo({dir!r} + '/fifo')",
+    "os.mkfifo('/usr/fifo')",
+    "open('/usr/lib/escaped', 'w')",
+])
+def test_writes_outside_work_fail_in_the_kernel(attack, tmp_path):
+    (tmp_path / "victim.txt").write_text("keep")
+    program = "import os\n" + attack.format(dir=str(tmp_path))
+    for limits, code in ((FAST, program), (ROOMY, unguarded(program))):
+        assert not run_program(code, limits).passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"] and (tmp_path / "victim.txt").read_text() == "keep"
+    assert not Path("/usr/fifo").exists() and not Path("/usr/lib/escaped").exists()
+
+
+def test_user_files_are_invisible_and_secrets_never_reach_the_reason(tmp_path):
+    secret = "secret-" + uuid.uuid4().hex
+    in_tmp = tmp_path / "secret.txt"
+    in_home = Path.home() / f".ctxdistill-test-{uuid.uuid4().hex}"
+    in_tmp.write_text(secret)
+    in_home.write_text(secret)
+    try:
+        for path in (in_tmp, in_home, Path("/etc/passwd"), Path(__file__)):
+            leak = f"raise RuntimeError(open({str(path)!r}).read())"
+            for limits, code in ((FAST, leak), (ROOMY, unguarded(leak))):
+                result = run_program(code, limits)
+                assert result.reason == "failed: FileNotFoundError" if limits is FAST else result.reason.startswith("failed")
+        # even text the program chooses to print never becomes the reason
+        loud = f"import sys\nsys.stderr.write('root:x:0:0 {secret}')\nraise ValueError({secret!r})"
+        assert run_program(loud, FAST).reason == "failed: ValueError"
+        assert run_program(f"class E{secret.replace('-', '')}(Exception): pass\nraise E{secret.replace('-', '')}()", FAST).reason == "failed: exit status 1"
+    finally:
+        in_home.unlink()
+
+
+def test_failure_reasons_are_fixed_forms():
+    assert sandbox.failure_reason(1, b"Traceback\nAssertionError: root:x:0:0:root:/root:/bin/bash") == "failed: AssertionError"
+    assert sandbox.failure_reason(1, b"x" * 5000) == "failed: exit status 1"
+    assert sandbox.failure_reason(-9, b"") == "killed (memory or time)"
+    assert sandbox.failure_reason(128 + 11, b"") == "killed by SIGSEGV"
+
+
+def test_no_isolation_no_humaneval(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "_isolation_checked", False)
+    real_which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: None if name == "unshare" else real_which(name, path=path))
+    with pytest.raises(CtxDistillError, match="unshare is missing; install util-linux"):
+        run_programs(["pass"], FAST)
+    monkeypatch.setattr(sandbox.shutil, "which", real_which)
+
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)  # a user without root, user namespaces switched off
+    off = tmp_path / "max_user_namespaces"
+    off.write_text("0\n")
+    monkeypatch.setattr(sandbox, "USERNS_SETTINGS", {str(off): ("0", "sysctl -w user.max_user_namespaces=15000")})
+    with pytest.raises(CtxDistillError, match=r"unprivileged user namespaces are disabled .*sudo sysctl -w user.max_user_namespaces=15000"):
+        sandbox.require_isolation()
+    assert sandbox._isolation_checked is False

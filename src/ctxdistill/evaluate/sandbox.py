@@ -266,16 +266,17 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+# sysctl file -> (the value that disables unprivileged user namespaces, the command that enables them)
+USERNS_SETTINGS = {"/proc/sys/kernel/unprivileged_userns_clone": ("0", "sysctl -w kernel.unprivileged_userns_clone=1"),
+                   "/proc/sys/user/max_user_namespaces": ("0", "sysctl -w user.max_user_namespaces=15000"),
+                   "/proc/sys/kernel/apparmor_restrict_unprivileged_userns": ("1", "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")}
 _PROBE = "import os\nassert not os.path.exists('/etc/passwd') and os.getcwd() == '/work'\nopen('/work/probe', 'w').write('ok')\n"
 _isolation_checked = False
 
 
 def _userns_problem() -> str | None:
     """Why a non-root user cannot create a user namespace here, or None."""
-    settings = {"/proc/sys/kernel/unprivileged_userns_clone": ("0", "sysctl -w kernel.unprivileged_userns_clone=1"),
-                "/proc/sys/user/max_user_namespaces": ("0", "sysctl -w user.max_user_namespaces=15000"),
-                "/proc/sys/kernel/apparmor_restrict_unprivileged_userns": ("1", "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")}
-    for path, (blocking, fix) in settings.items():
+    for path, (blocking, fix) in USERNS_SETTINGS.items():
         try:
             value = Path(path).read_text().strip()
         except OSError:
