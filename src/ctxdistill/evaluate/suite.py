@@ -106,6 +106,7 @@ class EvalConfig:
     lm_eval_limit: int = opt(0, "optional: items per lm-eval task (0 = all)")
     overwrite: bool = opt(False, "replace an existing eval.json in --out")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
+    allow_pickle_weights: bool = opt(False, "load a model saved only as pytorch_model.bin (unpickled); default: safetensors only")
 
     def validate(self) -> "EvalConfig":
         from ..config import check_choices
@@ -121,6 +122,8 @@ class EvalConfig:
         parts = [p.strip() for p in self.knowledge_parts.split(",") if p.strip()]
         if not parts or set(parts) - {"loglik", "sampled", "short"}:
             raise CtxDistillError(f"knowledge_parts {self.knowledge_parts!r}: choose one or more of loglik, sampled, short (comma-separated)")
+        if not (0 < self.sandbox_timeout < float("inf")) or self.sandbox_memory_mb <= 0:
+            raise CtxDistillError("sandbox_timeout (seconds) and sandbox_memory_mb must be > 0 (defaults: 10 s and 1024 MB)")
         if self.corpus and not self.reference:
             raise CtxDistillError("--corpus (per-token KL on training documents) needs --reference, the initial model to compare with")
         return self
