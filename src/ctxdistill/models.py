@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -193,6 +194,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     except SafetensorError as exc:
         raise CtxDistillError(f"the weights of {name} are damaged ({str(exc).splitlines()[0][:120]}): a .safetensors file was "
                               f"probably cut short by an interrupted copy, download or save; copy, download or save it again") from None
+    except pickle.UnpicklingError as exc:  # only reachable with allow_pickle_weights (torch.load, weights_only)
+        raise CtxDistillError(f"cannot load the pickled weights of {name} ({str(exc).splitlines()[0][:120]}); "
+                              f"convert the model to safetensors with the tool that made it") from None
     except (OSError, ValueError) as exc:
         error = _hub_error(name, exc)
         if not allow_pickle_weights and "safetensors" in str(exc):
