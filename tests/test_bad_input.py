@@ -286,3 +286,17 @@ def test_bad_loader_input(case, tiny_model_dir, corpus_file, tmp_path, capsys):
     code, err = run_main(capsys, *build(tiny_model_dir, corpus_file, tmp_path), "--out", str(out), "--quiet")
     assert_one_line_error(code, err, message)
     assert not out.exists()
+
+
+def test_humaneval_without_isolation_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """No namespaces (here: `unshare` missing), no HumanEval: never an unsandboxed fallback."""
+    from ctxdistill.evaluate import sandbox
+
+    monkeypatch.setattr(sandbox, "_isolation_checked", False)
+    which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: None if name == "unshare" else which(name, path=path))
+    out = tmp_path / "out"
+    code, err = run_main(capsys, "eval", "--model", str(tiny_model_dir), "--tasks", "humaneval", "--device", "cpu", "--out", str(out), "--quiet")
+    assert_one_line_error(code, err, "HumanEval runs model-written code only inside an isolated sandbox")
+    assert "unshare is missing; install util-linux" in err[0] and "leave humaneval out of --tasks" in err[0]
+    assert not out.exists()

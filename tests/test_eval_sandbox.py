@@ -241,3 +241,46 @@ def test_no_isolation_no_humaneval(monkeypatch, tmp_path):
     with pytest.raises(CtxDistillError, match=r"unprivileged user namespaces are disabled .*sudo sysctl -w user.max_user_namespaces=15000"):
         sandbox.require_isolation()
     assert sandbox._isolation_checked is False
+
+
+NON_ROOT_RUNNER = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from ctxdistill.evaluate import sandbox
+sandbox.require_isolation()
+programs, roomy = json.load(sys.stdin)
+limits = sandbox.Limits(**roomy)
+print(json.dumps([sandbox.run_program(p, limits if escape else sandbox.Limits(wall_seconds=3)).reason for p, escape in programs]))
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").is_file() or not Path("/usr/bin/setpriv").is_file(),
+                    reason="needs root to become an unprivileged user, and a system python3 that user can run")
+def test_as_an_unprivileged_user_the_sandbox_is_a_user_namespace(tmp_path):
+    """The non-root path (unshare --user): run as `nobody` with the system python; same boundary."""
+    import json
+    import subprocess
+
+    src = Path(sandbox.__file__).parents[2]
+    probe = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3", "-c",
+                            f"import sys; sys.path.insert(0, {str(src)!r}); import ctxdistill.evaluate.sandbox"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("nobody cannot import the source tree here")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    secret.chmod(0o644)
+    programs = [("assert sorted([3, 1, 2]) == [1, 2, 3]", False),
+                (ESCAPE + "subprocess.run(['/bin/sh', '-c', 'true'])", False),
+                (unguarded("import socket, ctypes"), True),  # control: the escape works for this user too
+                (unguarded(f"open({str(secret)!r}).read()"), True),
+                (unguarded("open('/etc/passwd').read()"), True),
+                (unguarded("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)"), True),
+                (unguarded("open('/usr/escaped', 'w')"), True)]
+    runner = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3", "-c",
+                             NON_ROOT_RUNNER, str(src)], input=json.dumps([programs, ROOMY.to_dict()]), capture_output=True,
+                            text=True, timeout=60, cwd="/")
+    assert runner.returncode == 0, runner.stderr[-2000:]
+    reasons = json.loads(runner.stdout)
+    assert reasons[:3] == ["passed", "failed: BlockingIOError", "passed"], reasons
+    assert all(r.startswith("failed") for r in reasons[3:]), reasons
+    assert not Path("/usr/escaped").exists()

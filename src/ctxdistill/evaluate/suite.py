@@ -124,6 +124,10 @@ class EvalConfig:
             raise CtxDistillError(f"knowledge_parts {self.knowledge_parts!r}: choose one or more of loglik, sampled, short (comma-separated)")
         if not (0 < self.sandbox_timeout < float("inf")) or self.sandbox_memory_mb <= 0:
             raise CtxDistillError("sandbox_timeout (seconds) and sandbox_memory_mb must be > 0 (defaults: 10 s and 1024 MB)")
+        if "humaneval" in self.task_list():  # before any model loads or --out is made: no isolation, no HumanEval
+            from .sandbox import require_isolation
+
+            require_isolation()
         if self.corpus and not self.reference:
             raise CtxDistillError("--corpus (per-token KL on training documents) needs --reference, the initial model to compare with")
         return self
