@@ -292,7 +292,7 @@ def test_humaneval_without_isolation_is_refused_in_one_line(tiny_model_dir, tmp_
     """No namespaces (here: `unshare` missing), no HumanEval: never an unsandboxed fallback."""
     from ctxdistill.evaluate import sandbox
 
-    monkeypatch.setattr(sandbox, "_isolation_checked", False)
+    monkeypatch.setattr(sandbox, "_privileged", None)
     which = sandbox.shutil.which
     monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: None if name == "unshare" else which(name, path=path))
     out = tmp_path / "out"

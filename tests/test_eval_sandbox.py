@@ -227,7 +227,7 @@ def test_failure_reasons_are_fixed_forms():
 
 
 def test_no_isolation_no_humaneval(monkeypatch, tmp_path):
-    monkeypatch.setattr(sandbox, "_isolation_checked", False)
+    monkeypatch.setattr(sandbox, "_privileged", None)
     real_which = sandbox.shutil.which
     monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: None if name == "unshare" else real_which(name, path=path))
     with pytest.raises(CtxDistillError, match="unshare is missing; install util-linux"):
@@ -240,7 +240,7 @@ def test_no_isolation_no_humaneval(monkeypatch, tmp_path):
     monkeypatch.setattr(sandbox, "USERNS_SETTINGS", {str(off): ("0", "sysctl -w user.max_user_namespaces=15000")})
     with pytest.raises(CtxDistillError, match=r"unprivileged user namespaces are disabled .*sudo sysctl -w user.max_user_namespaces=15000"):
         sandbox.require_isolation()
-    assert sandbox._isolation_checked is False
+    assert sandbox._privileged is None
 
 
 NON_ROOT_RUNNER = '''
@@ -284,3 +284,12 @@ def test_as_an_unprivileged_user_the_sandbox_is_a_user_namespace(tmp_path):
     assert reasons[:3] == ["passed", "failed: BlockingIOError", "passed"], reasons
     assert all(r.startswith("failed") for r in reasons[3:]), reasons
     assert not Path("/usr/escaped").exists()
+
+
+def test_namespaces_refused_by_the_system_is_one_clear_error(monkeypatch):
+    """E.g. a container whose seccomp profile forbids unshare: the trial run fails and the error quotes why."""
+    monkeypatch.setattr(sandbox, "_privileged", None)
+    monkeypatch.setattr(sandbox, "_command", lambda tools, as_root: ["/bin/sh", "-c", "echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1", "-c"])
+    with pytest.raises(CtxDistillError, match=r"did not run \(unshare: unshare failed: Operation not permitted\); check that `unshare"):
+        run_program("pass", FAST)
+    assert sandbox._privileged is None, "nothing runs until a trial succeeds"

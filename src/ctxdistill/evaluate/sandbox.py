@@ -221,11 +221,8 @@ def failure_reason(code: int, stderr_tail: bytes) -> str:
     return f"failed: exit status {code}"
 
 
-def run_program(program: str, limits: Limits = Limits(), *, check: bool = True) -> RunResult:
-    """Execute `program` (Python source) in the sandbox; passed = exit status 0 within the limits."""
-    if check:
-        require_isolation()
-    tools, as_root = _tools(), os.geteuid() == 0
+def _execute(program: str, limits: Limits, as_root: bool) -> tuple[int | None, bytes]:
+    """Run `program` in fresh namespaces: (exit status or None on the wall-clock timeout, the last 2000 bytes of stderr)."""
     with tempfile.TemporaryDirectory(prefix="ctxdistill-sandbox-") as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
@@ -237,22 +234,30 @@ def run_program(program: str, limits: Limits = Limits(), *, check: bool = True) 
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": WORK, "TMPDIR": WORK}
         setup = _setup_script(str(root), str(script), limits, as_root, _sandbox_uid())
         with open(stderr_path, "wb") as stderr:
-            proc = subprocess.Popen([*_command(tools, as_root), setup], cwd="/", env=env, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([*_command(_tools(), as_root), setup], cwd="/", env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_limit_child(limits), close_fds=True)
             try:
                 code = proc.wait(timeout=limits.wall_seconds)
             except subprocess.TimeoutExpired:
-                return RunResult(False, "timeout")
+                code = None
             finally:
                 _kill_group(proc)  # the set-up shell is PID 1: killing it ends every process in the sandbox
         with open(stderr_path, "rb") as f:
             f.seek(max(0, stderr_path.stat().st_size - 2000))
-            tail = f.read()
-        if code == 0:
-            return RunResult(True, "passed")
-        if code == SETUP_FAILED:
-            return RunResult(False, "sandbox set-up failed")
-        return RunResult(False, failure_reason(code, tail))
+            return code, f.read()
+
+
+def run_program(program: str, limits: Limits = Limits()) -> RunResult:
+    """Execute `program` (Python source) in the sandbox; passed = exit status 0 within the limits."""
+    require_isolation()
+    code, tail = _execute(program, limits, _privileged)
+    if code is None:
+        return RunResult(False, "timeout")
+    if code == 0:
+        return RunResult(True, "passed")
+    if code == SETUP_FAILED:
+        return RunResult(False, "sandbox set-up failed")
+    return RunResult(False, failure_reason(code, tail))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -271,7 +276,7 @@ USERNS_SETTINGS = {"/proc/sys/kernel/unprivileged_userns_clone": ("0", "sysctl -
                    "/proc/sys/user/max_user_namespaces": ("0", "sysctl -w user.max_user_namespaces=15000"),
                    "/proc/sys/kernel/apparmor_restrict_unprivileged_userns": ("1", "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")}
 _PROBE = "import os\nassert not os.path.exists('/etc/passwd') and os.getcwd() == '/work'\nopen('/work/probe', 'w').write('ok')\n"
-_isolation_checked = False
+_privileged: bool | None = None  # None: not checked yet; True: as root, a fresh uid; False: a user namespace
 
 
 def _userns_problem() -> str | None:
@@ -296,8 +301,8 @@ def _userns_problem() -> str | None:
 
 def require_isolation() -> None:
     """Raise CtxDistillError, saying why and how to fix it, unless programs can run isolated here (checked once)."""
-    global _isolation_checked
-    if _isolation_checked:
+    global _privileged
+    if _privileged is not None:
         return
     why = "HumanEval runs model-written code only inside an isolated sandbox (PID, network, mount and user namespaces)"
     if sys.platform != "linux":
@@ -308,17 +313,20 @@ def require_isolation() -> None:
         problem = _userns_problem()
         if problem:
             raise CtxDistillError(f"{why}, but {problem}; or leave humaneval out of --tasks")
-    result = run_program(_PROBE, Limits(wall_seconds=30, cpu_seconds=10, memory_mb=512), check=False)
-    if not result.passed:
-        raise CtxDistillError(f"{why}, but a trial program in it did not run ({result.reason}); check that `unshare --pid --fork "
+    privileged = os.geteuid() == 0  # root: a fresh unprivileged uid (RLIMIT_NPROC binds); else a user namespace
+    code, tail = _execute(_PROBE, Limits(wall_seconds=30, cpu_seconds=10, memory_mb=512), privileged)
+    if code != 0:
+        lines = tail.decode("utf-8", "replace").strip().splitlines()
+        detail = lines[-1][:200] if lines else f"exit status {code}"
+        user = "" if privileged else "--user --map-root-user "
+        raise CtxDistillError(f"{why}, but a trial program in it did not run ({detail}); check that `unshare {user}--pid --fork "
                               "--net --mount true` works for this user (in a container: allow namespaces, e.g. docker "
-                              "--security-opt seccomp=unconfined), or leave humaneval out of --tasks")
-    _isolation_checked = True
+                              "--cap-add SYS_ADMIN --security-opt seccomp=unconfined), or leave humaneval out of --tasks")
+    _privileged = privileged
 
 
 def run_programs(programs: list[str], limits: Limits = Limits(), workers: int = 2) -> list[RunResult]:
     """Run several programs, `workers` at a time; results in input order."""
-    require_isolation()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda p: run_program(p, limits), programs))
 
