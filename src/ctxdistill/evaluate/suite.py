@@ -357,10 +357,12 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         raise CtxDistillError(f"{out / 'eval.json'} exists; pass --overwrite or choose another --out")
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device)
+    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle_weights=cfg.allow_pickle_weights).to(device)
     reference = None
     if cfg.reference and cfg.reference != cfg.model:
-        reference = load_model(cfg.reference, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device)
+        reference = load_model(cfg.reference, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                               allow_pickle_weights=cfg.allow_pickle_weights).to(device)
     elif cfg.reference == cfg.model:  # the model against itself: drift and per-token KL are 0 by definition
         cfg = replace(cfg, reference="", corpus="")
     return evaluate_model(model, tokenizer, cfg, reference_model=reference, log=log)
