@@ -293,3 +293,12 @@ def test_namespaces_refused_by_the_system_is_one_clear_error(monkeypatch):
     with pytest.raises(CtxDistillError, match=r"did not run \(unshare: unshare failed: Operation not permitted\); check that `unshare"):
         run_program("pass", FAST)
     assert sandbox._privileged is None, "nothing runs until a trial succeeds"
+
+
+def test_the_rlimits_bind_the_program():
+    check = ("import resource as r\nmb = 2 ** 20\n"
+             "assert r.getrlimit(r.RLIMIT_AS) == (512 * mb, 512 * mb)\nassert r.getrlimit(r.RLIMIT_CPU) == (3, 4)\n"
+             "assert r.getrlimit(r.RLIMIT_FSIZE)[1] == 8 * mb and r.getrlimit(r.RLIMIT_NOFILE)[1] == 64\n"
+             "assert r.getrlimit(r.RLIMIT_CORE) == (0, 0) and r.getrlimit(r.RLIMIT_NPROC) == (16, 16)\n")
+    assert run_program(unguarded(check), ROOMY).passed
+    assert run_program(ESCAPE + "import threading\nthreading.Thread(target=print).start()", FAST).reason == "failed: RuntimeError"

@@ -15,8 +15,9 @@ Linux namespaces made with util-linux's `unshare`:
 - new IPC and UTS namespaces; as root the program then runs under a fresh unprivileged uid/gid,
   otherwise in a new user namespace (unprivileged user namespaces) as its root; either way with no
   capabilities (`setpriv`: empty bounding, inheritable and ambient sets, no_new_privs);
-- rlimits: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE, RLIMIT_NOFILE, no core files, and
-  RLIMIT_NPROC = `Limits.processes` (1: the program cannot fork or start threads at all).
+- rlimits on the program (`prlimit`, after the set-up): RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE,
+  RLIMIT_NOFILE, no core files, and RLIMIT_NPROC = `Limits.processes` (1: no fork, no thread at all);
+  plus a wall-clock timeout after which the whole sandbox is killed.
 
 On top, a Python audit hook refuses the obvious (writes outside `/work`, `subprocess`, `os.system`,
 sockets, ctypes, ...) so a weak model's accident gets a readable reason; the hook is a courtesy,
@@ -173,8 +174,10 @@ def _setup_script(root: str, program: str, limits: Limits, as_root: bool, uid: i
               f"mount -o remount,bind,ro {q(root)}"]
     drop = (["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if as_root else ["/usr/bin/setpriv"])
     drop += ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
-    run = ["chroot", root, *drop, "/usr/bin/prlimit", f"--nproc={limits.processes}", "--",
-           exe, "-I", "-S", "-B", WORK + "/program.py"]
+    mb = 1024 * 1024  # the limits bind the program only, not the set-up tools before it
+    rlimits = [f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={limits.memory_mb * mb}",
+               f"--fsize={limits.file_size_mb * mb}", f"--nofile={limits.open_files}", "--core=0", f"--nproc={limits.processes}"]
+    run = ["chroot", root, *drop, "/usr/bin/prlimit", *rlimits, "--", exe, "-I", "-S", "-B", WORK + "/program.py"]
     # PID 1 stays the shell (a namespace's PID 1 ignores signals it has no handler for, SIGXCPU included);
     # when the program exits, the shell exits and the kernel kills whatever the program left behind.
     return (" && ".join(steps) + f" || exit {SETUP_FAILED}\ncd / && " + " ".join(q(a) for a in run) + "\nexit $?\n")
@@ -184,22 +187,6 @@ def _command(tools: dict[str, str], as_root: bool) -> list[str]:
     user = [] if as_root else ["--user", "--map-root-user"]
     return [tools["unshare"], *user, "--pid", "--fork", "--kill-child=SIGKILL", "--net", "--mount", "--ipc", "--uts",
             "--propagation", "private", "--", "/bin/sh", "-c"]
-
-
-def _limit_child(limits: Limits):
-    import resource
-
-    def apply():
-        os.setsid()  # own process group: the parent can kill the whole sandbox
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-        memory = limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        size = limits.file_size_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
 
 
 _BUILTIN_EXCEPTIONS = {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
@@ -235,7 +222,7 @@ def _execute(program: str, limits: Limits, as_root: bool) -> tuple[int | None, b
         setup = _setup_script(str(root), str(script), limits, as_root, _sandbox_uid())
         with open(stderr_path, "wb") as stderr:
             proc = subprocess.Popen([*_command(_tools(), as_root), setup], cwd="/", env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_limit_child(limits), close_fds=True)
+                                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, close_fds=True)
             try:
                 code = proc.wait(timeout=limits.wall_seconds)
             except subprocess.TimeoutExpired:
