@@ -302,3 +302,13 @@ def test_the_rlimits_bind_the_program():
              "assert r.getrlimit(r.RLIMIT_CORE) == (0, 0) and r.getrlimit(r.RLIMIT_NPROC) == (16, 16)\n")
     assert run_program(unguarded(check), ROOMY).passed
     assert run_program(ESCAPE + "import threading\nthreading.Thread(target=print).start()", FAST).reason == "failed: RuntimeError"
+
+
+@pytest.mark.slow
+def test_every_canonical_humaneval_solution_passes_in_the_sandbox():
+    """The boundary costs no correct program: all 164 reference solutions pass (about 12 s on 2 cores)."""
+    from ctxdistill.evaluate import data
+
+    rows = data.read_dataset("humaneval", log=lambda *a: None)
+    results = run_programs([humaneval_program(r["prompt"], r["canonical_solution"], r["test"], r["entry_point"]) for r in rows], Limits())
+    assert len(rows) == 164 and [r["id"] for r, res in zip(rows, results) if not res.passed] == []
