@@ -79,3 +79,8 @@ def test_unknown_lora_target_names_the_available_modules(tiny_model):
     with pytest.raises(CtxDistillError, match="''"):
         models.apply_lora(tiny_model, target_modules=["q_proj", ""])  # "q_proj,,v_proj"
     assert models.is_peft(models.apply_lora(tiny_model, target_modules=["q_proj", "v_proj"]))
+
+
+def test_a_target_regex_matching_nothing_is_refused_too(tiny_model):
+    with pytest.raises(CtxDistillError, match=r"'.\*nosuch_proj' not in the model; its linear modules are"):
+        models.apply_lora(tiny_model, target_modules=".*nosuch_proj")

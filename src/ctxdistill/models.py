@@ -210,16 +210,24 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.1, target
     """Wrap a model in a PEFT LoRA adapter; only the adapter weights train. Unknown target names are refused."""
     from peft import LoraConfig, get_peft_model
 
-    if target_modules != "all-linear":
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+    def refuse(what: str) -> CtxDistillError:
+        return CtxDistillError(f"LoRA target module(s) {what} not in the model; its linear modules are: {', '.join(linear)}; "
+                               f"set --lora-targets to a comma-separated subset of them, or all-linear")
+
+    if not isinstance(target_modules, str):  # names; a string is all-linear or a regular expression
         names = [n for n, _ in model.named_modules() if n]
-        unknown = [t for t in targets if not t or not any(n == t or n.endswith("." + t) for n in names)]
+        unknown = [t for t in target_modules if not t or not any(n == t or n.endswith("." + t) for n in names)]
         if unknown:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise CtxDistillError(f"LoRA target module(s) {', '.join(repr(t) for t in unknown)} not in the model; its linear modules "
-                                  f"are: {', '.join(linear)}; set --lora-targets to a comma-separated subset of them, or all-linear")
+            raise refuse(", ".join(repr(t) for t in unknown))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        if "not found" not in str(exc):
+            raise
+        raise refuse(repr(target_modules)) from None
 
 
 def is_peft(model) -> bool:
