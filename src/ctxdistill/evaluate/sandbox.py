@@ -148,7 +148,7 @@ def _python() -> tuple[str, list[str]]:
     return exe, [r for r in extra if not any(r != o and r.startswith(o + "/") for o in extra)]
 
 
-def _setup_script(root: str, program: str, limits: Limits, as_root: bool, uid: int) -> str:
+def _setup_script(root: str, program: str, limits: Limits, as_root: bool, uid: int, tools: dict[str, str]) -> str:
     """The shell run as PID 1 of the new namespaces: build the read-only root, then run the program in it."""
     q = shlex.quote
     exe, extra = _python()
@@ -172,12 +172,13 @@ def _setup_script(root: str, program: str, limits: Limits, as_root: bool, uid: i
               f"mount -t tmpfs -o size={size}m,mode=0700,nosuid,nodev{owner} ctxdistill-work {q(root + WORK)}",
               f"cp {q(program)} {q(root + WORK + '/program.py')}",
               f"mount -o remount,bind,ro {q(root)}"]
-    drop = (["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if as_root else ["/usr/bin/setpriv"])
+    # setpriv and prlimit run inside the new root: found in /usr/sbin, /usr/bin, /sbin or /bin, all bound there
+    drop = [tools["setpriv"], *([f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if as_root else [])]
     drop += ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     mb = 1024 * 1024  # the limits bind the program only, not the set-up tools before it
     rlimits = [f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={limits.memory_mb * mb}",
                f"--fsize={limits.file_size_mb * mb}", f"--nofile={limits.open_files}", "--core=0", f"--nproc={limits.processes}"]
-    run = ["chroot", root, *drop, "/usr/bin/prlimit", *rlimits, "--", exe, "-I", "-S", "-B", WORK + "/program.py"]
+    run = [tools["chroot"], root, *drop, tools["prlimit"], *rlimits, "--", exe, "-I", "-S", "-B", WORK + "/program.py"]
     # PID 1 stays the shell (a namespace's PID 1 ignores signals it has no handler for, SIGXCPU included);
     # when the program exits, the shell exits and the kernel kills whatever the program left behind.
     return (" && ".join(steps) + f" || exit {SETUP_FAILED}\ncd / && " + " ".join(q(a) for a in run) + "\nexit $?\n")
@@ -219,9 +220,10 @@ def _execute(program: str, limits: Limits, as_root: bool) -> tuple[int | None, b
         os.chmod(script, 0o644)
         stderr_path = Path(tmp) / "stderr.txt"
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": WORK, "TMPDIR": WORK}
-        setup = _setup_script(str(root), str(script), limits, as_root, _sandbox_uid())
+        tools = _tools()
+        setup = _setup_script(str(root), str(script), limits, as_root, _sandbox_uid(), tools)
         with open(stderr_path, "wb") as stderr:
-            proc = subprocess.Popen([*_command(_tools(), as_root), setup], cwd="/", env=env, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([*_command(tools, as_root), setup], cwd="/", env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, close_fds=True)
             try:
                 code = proc.wait(timeout=limits.wall_seconds)
