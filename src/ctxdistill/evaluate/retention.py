@@ -26,7 +26,7 @@ from ..generation.sampling import chat_ids
 from . import data as eval_data
 from .generation import Decoding, generate
 from .probes import completion_logprobs
-from .sandbox import Limits, humaneval_program, run_programs
+from .sandbox import Limits, humaneval_program, require_isolation, run_programs
 from .scoring import (LETTERS, average, contains_answer, exact_match, extract_final_number, first_answer_span,
                       numbers_equal, proportion, token_f1)
 
@@ -138,6 +138,7 @@ def humaneval_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def run_humaneval(gen_model, score_model, tokenizer, n: int, max_new_tokens: int, batch_size: int, seed: int, limits: Limits,
                   workers: int = 2, data_dir=None, precision_context=contextlib.nullcontext, log=print) -> dict:
+    require_isolation()  # before any generation: no isolation, no HumanEval (never an unsandboxed fallback)
     rows = eval_data.seeded_subset(eval_data.read_dataset("humaneval", data_dir, log=log), n, seed)
     prompts = [humaneval_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     decoding = Decoding(max_new_tokens=max_new_tokens, stop=("```", "\nif __name__", "\nprint(", "\nassert "))

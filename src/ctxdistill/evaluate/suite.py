@@ -106,6 +106,7 @@ class EvalConfig:
     lm_eval_limit: int = opt(0, "optional: items per lm-eval task (0 = all)")
     overwrite: bool = opt(False, "replace an existing eval.json in --out")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
+    allow_pickle_weights: bool = opt(False, "load a model saved only as pytorch_model.bin (unpickled); default: safetensors only")
 
     def validate(self) -> "EvalConfig":
         from ..config import check_choices
@@ -121,6 +122,12 @@ class EvalConfig:
         parts = [p.strip() for p in self.knowledge_parts.split(",") if p.strip()]
         if not parts or set(parts) - {"loglik", "sampled", "short"}:
             raise CtxDistillError(f"knowledge_parts {self.knowledge_parts!r}: choose one or more of loglik, sampled, short (comma-separated)")
+        if not (0 < self.sandbox_timeout < float("inf")) or self.sandbox_memory_mb <= 0:
+            raise CtxDistillError("sandbox_timeout (seconds) and sandbox_memory_mb must be > 0 (defaults: 10 s and 1024 MB)")
+        if "humaneval" in self.task_list():  # before any model loads or --out is made: no isolation, no HumanEval
+            from .sandbox import require_isolation
+
+            require_isolation()
         if self.corpus and not self.reference:
             raise CtxDistillError("--corpus (per-token KL on training documents) needs --reference, the initial model to compare with")
         return self
@@ -350,10 +357,12 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         raise CtxDistillError(f"{out / 'eval.json'} exists; pass --overwrite or choose another --out")
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device)
+    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle_weights=cfg.allow_pickle_weights).to(device)
     reference = None
     if cfg.reference and cfg.reference != cfg.model:
-        reference = load_model(cfg.reference, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device)
+        reference = load_model(cfg.reference, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                               allow_pickle_weights=cfg.allow_pickle_weights).to(device)
     elif cfg.reference == cfg.model:  # the model against itself: drift and per-token KL are 0 by definition
         cfg = replace(cfg, reference="", corpus="")
     return evaluate_model(model, tokenizer, cfg, reference_model=reference, log=log)
