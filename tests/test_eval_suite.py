@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,15 @@ def test_evaluate_model_writes_every_metric(tiny_model, tokenizer, eval_data_dir
     gold = report["item_scores"]["knowledge.gold_option_logprob"]  # per probe, so runs can be compared item by item
     assert len(gold) == 3 and report["metrics"]["knowledge.gold_option_logprob"]["value"] == pytest.approx(sum(gold) / 3)
     assert report["metrics"]["knowledge.gold_option_logprob"]["stderr"] > 0
+    for key, m in report["metrics"].items():  # every metric with an SE has per-item scores, so every change can be paired
+        if key in ("knowledge.mcq_parse_rate",) or not math.isfinite(m["stderr"]):
+            continue
+        scores = report["item_scores"].get(key)
+        assert scores is not None and len(scores) == m["n"], key
+        ids = report["item_ids"].get(key) or report["tasks"][key.split(".")[0] if not key.startswith("drift.doc") else "doc_kl"]["ids"]
+        assert len(ids) == len(scores), key
+    inst_ids = report["item_ids"]["ifeval.inst_strict"]  # one per instruction, named by its prompt (the cluster)
+    assert set(inst_ids) == set(report["tasks"]["ifeval"]["ids"]) and len(inst_ids) >= len(report["tasks"]["ifeval"]["ids"])
     assert report["tasks"]["gsm8k"]["settings"]["shots"] == 2 and "decoding" in report["tasks"]["ifeval"]["settings"]
     assert report["role"] == "updated" and report["timings_s"]["total"] > 0
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())

@@ -257,7 +257,7 @@ def trim_eval(data: dict) -> dict:
         run["train"] = {k: tc[k] for k in ("epochs", "method", "student", "split_strategy", "temperature", "disc_positions", "context_kl_threshold",
                                            "replay_method", "replay_n", "replay_kl_weight", "replay_ce_weight", "kl_beta") if k in tc}
     return {"role": data.get("role"), "model": data.get("model"), "suite": data.get("suite"), "run": run, "metrics": data.get("metrics", {}),
-            "item_scores": data.get("item_scores", {}), "tasks": {t: {"ids": v.get("ids")} for t, v in data.get("tasks", {}).items() if isinstance(v, dict)},
+            "item_scores": data.get("item_scores", {}), "item_ids": data.get("item_ids", {}), "tasks": {t: {"ids": v.get("ids")} for t, v in data.get("tasks", {}).items() if isinstance(v, dict)},
             "timings_s": data.get("timings_s", {})}
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import platform
@@ -189,7 +190,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
     scoring = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     with timer("prepare"):
         gen_model = generation_model(model, cfg.gen_dtype)
-    metrics, task_results, item_scores = {}, {}, {}
+    metrics, task_results, item_scores, item_ids = {}, {}, {}, {}
     bs, seed, data_dir = cfg.batch_size, cfg.seed, cfg.data_dir or None
 
     def record(task: str, result: dict, metric_prefix: str | None = None):
@@ -199,6 +200,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             metrics[f"{prefix}.{name}"] = value
         for name, values in kept.pop("item_scores", {}).items():
             item_scores[f"{prefix}.{name}"] = values
+        for name, ids in kept.pop("item_ids", {}).items():  # items that are not the task's `ids` (e.g. one per IFEval instruction)
+            item_ids[f"{prefix}.{name}"] = ids
         task_results[task] = kept
         if predictions:
             with open(out / "predictions" / f"{task}.jsonl", "w", encoding="utf-8") as f:
@@ -225,7 +228,13 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 result["metrics"]["gold_option_logprob"] = average(gold_logprobs)
                 result["item_scores"]["mcq_loglik"] = [float(p["correct"]) for p in loglik["predictions"]]
                 result["item_scores"]["gold_option_logprob"] = gold_logprobs
-                result["settings"]["mcq_loglik"] = "option log-likelihood / option length in characters, chat template"
+                two = [p for p in loglik["predictions"] if p["two_option"]]
+                if two:  # yes/no probes: the contrastive margin is the continuous domain score
+                    result["metrics"]["option_margin"] = average([p["margin"] for p in two])
+                    result["item_scores"]["option_margin"] = [p["margin"] for p in two]
+                    result["item_ids"] = {"option_margin": [p["id"] for p in two]}
+                result["settings"]["mcq_loglik"] = ("option log-likelihood / option length in characters, chat template; two-option "
+                                                    "probes: the more probable option (summed log-probs, no normalisation)")
                 result["ids"] = [p.id for p in mcq]
             if sampled and "sampled" in parts:
                 vote = score_mcq_sampled(gen_model, tokenizer, [s["probe"] for s in sampled], cfg.mcq_samples, cfg.mcq_temperature,
@@ -233,6 +242,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 result["metrics"]["mcq_sampled"] = {k: vote[k] for k in ("value", "stderr", "n")}
                 result["metrics"]["mcq_parse_rate"] = {"value": vote["parse_rate"], "stderr": float("nan"), "n": vote["n"]}
                 result["item_scores"]["mcq_sampled"] = vote["item_scores"]
+                result.setdefault("item_ids", {})["mcq_sampled"] = [s["id"] for s in sampled]
                 result["settings"]["mcq_sampled"] = vote["settings"] | {"ids": [s["id"] for s in sampled]}
                 result["predictions"] += [{"task": "mcq_sampled"} | p for p in vote["predictions"]]
             if "short" in parts:
@@ -240,7 +250,9 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 short = score_short_answer(gen_model, tokenizer, short_probes, preset["short_max_new_tokens"], bs)
                 for name in ("em", "f1", "contains"):
                     result["metrics"][f"short_{name}"] = short[name]
-                result["item_scores"]["short_f1"] = short["item_scores"]["f1"]
+                for name in ("em", "f1", "contains"):
+                    result["item_scores"][f"short_{name}"] = short["item_scores"][name]
+                result.setdefault("item_ids", {}).update({f"short_{name}": [p.id for p in short_probes] for name in ("em", "f1", "contains")})
                 result["settings"]["short_answer"] = short["settings"]
                 result["predictions"] += [{"task": "short_answer"} | p for p in short["predictions"]]
         record("knowledge", result)
@@ -290,6 +302,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             result = {"metrics": {"chat_logprob": drift["logprob"],
                                   "chat_kl": drift.get("kl", {"value": 0.0, "stderr": 0.0, "n": drift["n_prompts"]})},
                       "item_scores": {"chat_logprob": drift["item_scores"]["logprob"]} | ({"chat_kl": drift["item_scores"]["kl"]} if "kl" in drift else {}),
+                      "ids": [hashlib.sha1(p.encode("utf-8")).hexdigest()[:12] for p in prompts],  # the prompt's text, hashed
                       "settings": {"reference": cfg.reference or "(the evaluated model itself)", "n_prompts": drift["n_prompts"], "n_tokens": drift["n_tokens"],
                                    "decoding": {"mode": "greedy", "max_new_tokens": preset["chat_max_new_tokens"], "dtype": cfg.gen_dtype},
                                    "kl": "KL(reference || model), full vocabulary, mean over response tokens (nats/token)"}}
@@ -304,7 +317,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             documents = [r["doc"] for r in seeded_subset([{"id": d.id, "doc": d} for d in documents], max(cfg.doc_kl_docs, 0), seed)]
             kl = document_kl(reference_model, model, tokenizer, [d.text for d in documents], preset["doc_max_length"], scoring)
             result = {"metrics": {"doc_kl": {k: kl[k] for k in ("value", "stderr", "n")}, "doc_kl_bits": {"value": kl["bits_per_token"], "stderr": kl["stderr"] / math.log(2), "n": kl["n"]}},
-                      "item_scores": {"doc_kl": kl["item_scores"]},
+                      "ids": [d.id for d in documents],
+                      "item_scores": {"doc_kl": kl["item_scores"], "doc_kl_bits": [v / math.log(2) for v in kl["item_scores"]]},
                       "settings": {"corpus": cfg.corpus, "n_tokens": kl["n_tokens"], "skipped_positions": kl["skipped_positions"],
                                    "max_length": preset["doc_max_length"], "kl": "KL(initial || model), whole documents, batch size 1, mean over all tokens"}}
         record("doc_kl", result, metric_prefix="drift")
@@ -328,6 +342,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         "metrics": metrics,
         "tasks": task_results,
         "item_scores": item_scores,
+        "item_ids": item_ids,
         "config": asdict(cfg), "preset": preset,
         "timings_s": {k: round(v, 2) for k, v in timer.seconds.items()} | {"total": round(total, 2)},
         "cpu_s": {k: round(v, 2) for k, v in timer.cpu_seconds.items()} | {"total": round(time.process_time() - cpu_started, 2)},
