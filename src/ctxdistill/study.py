@@ -41,6 +41,8 @@ class StudyConfig:
     stages: list = opt_list([], "order of the stages: domain names and `continual` (default: every domain, then continual)")
     domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
+    primary: dict = opt_dict("the pre-registered primary comparison, reported apart from the exploratory ones: "
+                             "{domain, a, b, metric, lr} (e.g. news, disc, ft, ifeval.prompt_strict, 1.0e-4)")
     results_dir: str = opt("", "where results.md, results/*.png and results/study_summary.json go (default: OUT)")
     reading: str = opt("", "a hand-written markdown file pasted into results.md as its 'Reading' section (optional)")
     summary_only: bool = opt(False, "write study_summary.json and results.md from the runs finished so far; trains nothing")
@@ -333,7 +335,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
             raise CtxDistillError(f"{summary_path} not found; run the study first or pass --summary PATH")
         from .study_report import write_results
 
-        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log)
+        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log, primary=cfg.primary)
 
     import torch
 
@@ -375,7 +377,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     log(f"study: summary -> {summary_path}")
     from .study_report import write_results
 
-    return write_results(summary, results, cfg.reading, log=log)
+    return write_results(summary, results, cfg.reading, log=log, primary=cfg.primary)
 
 
 def _json_default(value):
