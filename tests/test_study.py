@@ -156,11 +156,15 @@ def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_
     assert "Not finished when this summary was written" in (tmp_path / "docs" / "results.md").read_text()
 
 
-def test_paired_difference_is_the_mean_item_difference_with_its_paired_se():
-    from ctxdistill.study_report import paired_difference
+def test_method_comparisons_pair_the_same_items_and_seeds():
+    from ctxdistill.report import compare, seed_pairs
 
-    a = {"item_scores": {"t.x": [1.0, 1.0, 0.0, 1.0]}, "tasks": {"t": {"ids": [1, 2, 3, 4]}}}
-    b = {"item_scores": {"t.x": [0.0, 1.0, 0.0, 0.0]}, "tasks": {"t": {"ids": [1, 2, 3, 4]}}}
-    d = paired_difference(a, b, "t.x")
-    assert d["delta"] == pytest.approx(0.5) and d["se"] == pytest.approx((1 / 3) ** 0.5 / 2) and d["n"] == 4
-    assert paired_difference(a, {"item_scores": b["item_scores"], "tasks": {"t": {"ids": [4, 3, 2, 1]}}}, "t.x") is None
+    def ev(scores, ids=(1, 2, 3, 4), seed=1):
+        return {"metrics": {"t.x": {"value": sum(scores) / 4, "stderr": 0.1, "n": 4}}, "item_scores": {"t.x": scores},
+                "tasks": {"t": {"ids": list(ids)}}, "run": {"seed": seed}}
+    a, b = ev([1.0, 1.0, 0.0, 1.0]), ev([0.0, 1.0, 0.0, 0.0])
+    d = compare([a], [b], "t.x")
+    assert d.delta == pytest.approx(0.5) and d.p == pytest.approx(0.5) and d.n == 4  # 2 discordant pairs, both for a
+    assert compare([a], [ev([0.0, 1.0, 0.0, 0.0], ids=(4, 3, 2, 1))], "t.x").reason == "different items"
+    xa, xb = seed_pairs([ev([1.0] * 4, seed=2), a], [b, ev([0.0] * 4, seed=3)])
+    assert xa == [a] and xb == [b]  # only seed 1 was trained for both

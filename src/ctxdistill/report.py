@@ -333,7 +333,7 @@ class Table:
     """A markdown table whose cells may be estimates; `lines()` Holm-adjusts them as one family, flags the
     adjusted p < alpha with †, and ends with each column's MDE (k paired SEs, the median over the column)."""
 
-    def __init__(self, header: list[str], keys: list[str | None], alpha: float = 0.05, k: float = 2.0):
+    def __init__(self, header: list[str], keys: list[str | None], alpha: float = 0.05, k: float | None = 2.0):
         self.header, self.keys, self.rows, self.alpha, self.k = header, keys, [], alpha, k
 
     def add(self, cells: list) -> None:
@@ -357,13 +357,14 @@ class Table:
                     cells.append(str(c))
             out.append("| " + " | ".join(cells) + " |")
         mdes = []
-        for j, key in enumerate(self.keys):
+        for j, key in enumerate(self.keys if self.k else []):
             ses = [row[j].se for row in self.rows if j < len(row) and isinstance(row[j], stats.Estimate) and row[j].defined and row[j].se]
             mdes.append(f"{_num(stats.mde(statistics.median(ses), self.k) * scale(key), digits_of(key), False)}" if key and ses else ("MDE" if j == 0 else ""))
         if any(isinstance(c, stats.Estimate) for row in self.rows for c in row):
-            out.append("| " + " | ".join(mdes) + " |")
+            if self.k:
+                out.append("| " + " | ".join(mdes) + " |")
             out += ["", (note + " " if note else "") + f"[95 % interval]; † = Holm-adjusted p < {self.alpha:g} within this table "
-                    f"(family of {family} tests); last row: MDE, {self.k:g} paired SEs (median over the column)."]
+                    f"(family of {family} tests)" + (f"; last row: MDE, {self.k:g} paired SEs (median over the column)." if self.k else ".")]
         return out
 
 
