@@ -239,3 +239,20 @@ def test_document_kl_batched_equals_one_document_at_a_time(tiny_model, tokenizer
     batched = document_kl(tiny_model, other, tokenizer, NEWS, batch_size=2)
     assert batched["n_tokens"] == one["n_tokens"] and batched["value"] == pytest.approx(one["value"], rel=1e-5)
     assert document_kl(tiny_model, tiny_model, tokenizer, NEWS)["value"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_decision_preset_sizes_come_from_the_power_calculation_on_the_committed_study():
+    from pathlib import Path
+
+    from ctxdistill.evaluate.power import decision_sizes
+    from ctxdistill.evaluate.suite import PRESETS
+
+    summary = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "study_summary.json").read_text())
+    rows = {r["metric"]: r for r in decision_sizes(summary)}
+    ifeval = rows["ifeval.prompt_strict"]
+    assert ifeval["required"] > 541 and ifeval["size"] == 541 and PRESETS["decision"]["ifeval"] == -1  # all prompts
+    assert ifeval["power_at_size"] == pytest.approx(0.8, abs=0.02)
+    for metric, key in (("mmlu.accuracy", "mmlu"), ("pubmedqa.accuracy", "pubmedqa"), ("nq_open.gold_logprob", "nq_open"), ("gsm8k.gold_logprob", "gsm8k")):
+        assert PRESETS["decision"][key] == rows[metric]["size"], metric
+        assert rows[metric]["power_at_size"] >= 0.79, metric
+    assert set(PRESETS["decision"]) == set(PRESETS["quick"])

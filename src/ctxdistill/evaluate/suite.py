@@ -8,25 +8,28 @@ be compared with a paired standard error.
 
 Presets (item counts; 0 in a `n_*` option means "the preset's", -1 means "all"):
 
-| task | quick | full | what |
-| --- | --- | --- | --- |
-| knowledge MCQ sampled | 24 probes x 5 (64 tok) | all x 5 (512 tok) | the paper's domain score |
-| knowledge log-lik | 60 | all | deterministic second number |
-| knowledge short answer | 60 | all | closed-book EM / F1 |
-| IFEval | 30 (160 tok) | 541 (1280 tok) | post-training skill |
-| GSM8K | 15, 2-shot (160 tok) | 1319, 8-shot (512 tok) | post-training skill (math) |
-| HumanEval | 12 (160 tok) | 164 (512 tok) | post-training skill (code), sandboxed |
-| NQ-open | 60, 3-shot | 1000, 3-shot | factual knowledge |
-| MMLU | 100 | 1000 | factual knowledge |
-| PubMedQA | 30 | 500 | biomedical (second domain) |
-| chat drift | 24 prompts (48 tok) | 24 prompts (128 tok) | KL and log-prob of the initial model's replies |
-| per-token KL on docs | all documents | all documents | the forgetting predictor |
+| task | quick | decision | full | what |
+| --- | --- | --- | --- | --- |
+| knowledge MCQ sampled | 24 probes x 5 (64 tok) | 24 x 5 (64 tok) | all x 5 (512 tok) | the paper's domain score |
+| knowledge log-lik | 60 | all | all | deterministic second number |
+| knowledge short answer | 60 | all | all | closed-book EM / F1 |
+| IFEval | 30 (160 tok) | 541 (128 tok) | 541 (1280 tok) | post-training skill |
+| GSM8K | 15, 2-shot (160 tok) | 323, 2-shot (64 tok) | 1319, 8-shot (512 tok) | post-training skill (math) |
+| HumanEval | 12 (160 tok) | 164 (160 tok) | 164 (512 tok) | post-training skill (code), sandboxed |
+| NQ-open | 60, 3-shot | 1479, 3-shot | 1000, 3-shot | factual knowledge |
+| MMLU | 100 | 621 | 1000 | factual knowledge |
+| PubMedQA | 30 | 446 | 500 | biomedical (second domain) |
+| chat drift | 24 prompts (48 tok) | 24 prompts (48 tok) | 24 prompts (128 tok) | KL and log-prob of the initial model's replies |
+| per-token KL on docs | all documents | all documents | all documents | the forgetting predictor |
 
 Log-likelihood and KL scoring run under bf16 autocast in `quick` and in fp32 in `full` (`--score-precision`).
 
-`full` is sized to detect a 5-point drop on each skill at about 2 standard errors (e.g. all 541
-IFEval prompts); `quick` runs the whole suite on SmolLM2-135M on 2 CPU cores in under 10 minutes,
-and its small subsets cannot tell close models apart: the report marks such differences.
+`decision` is sized by a power calculation on the existing study's per-item scores (`python -m
+ctxdistill.evaluate.power docs/results/study_summary.json`, docs/evaluation.md): >= 80 % power for a
+5-point paired IFEval prompt-level difference needs all 541 prompts. `full` runs every item at long
+generation lengths (a GPU budget); `quick` runs the whole suite on SmolLM2-135M on 2 CPU cores in under
+10 minutes, and its small subsets cannot tell close models apart: the report prints each change's
+interval and each table's minimum detectable difference.
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ PRESETS = {
               "ifeval": 30, "ifeval_max_new_tokens": 160, "gsm8k": 15, "gsm8k_shots": 2, "gsm8k_max_new_tokens": 160,
               "humaneval": 12, "humaneval_max_new_tokens": 160, "nq_open": 60, "nq_shots": 3, "nq_max_new_tokens": 16,
               "mmlu": 100, "pubmedqa": 30, "chat_max_new_tokens": 48, "doc_max_length": 1024},
+    # sized by `python -m ctxdistill.evaluate.power docs/results/study_summary.json` (docs/evaluation.md): >= 80 % power
+    # for a 5-point paired difference on IFEval prompt-level (all 541), MMLU, PubMedQA, 0.05 nats on NQ gold log-probs,
+    # 0.02 on GSM8K gold log-probs; generation lengths as in the study the calculation timed; about 1 h on one CPU thread
+    "decision": {"probes_sampled": 24, "probes_max_new_tokens": 64, "probes_loglik": -1, "probes_short": -1, "score_precision": "bf16",
+                 "short_max_new_tokens": 24, "ifeval": -1, "ifeval_max_new_tokens": 128, "gsm8k": 323, "gsm8k_shots": 2,
+                 "gsm8k_max_new_tokens": 64, "humaneval": -1, "humaneval_max_new_tokens": 160, "nq_open": 1479, "nq_shots": 3,
+                 "nq_max_new_tokens": 16, "mmlu": 621, "pubmedqa": 446, "chat_max_new_tokens": 48, "doc_max_length": 1024},
     "full": {"probes_sampled": -1, "probes_max_new_tokens": 512, "probes_loglik": -1, "probes_short": -1, "score_precision": "fp32", "short_max_new_tokens": 32,
              "ifeval": -1, "ifeval_max_new_tokens": 1280, "gsm8k": -1, "gsm8k_shots": 8, "gsm8k_max_new_tokens": 512,
              "humaneval": -1, "humaneval_max_new_tokens": 512, "nq_open": 1000, "nq_shots": 3, "nq_max_new_tokens": 24,
@@ -65,7 +75,8 @@ PRESETS = {
 class EvalConfig:
     model: str = opt(DEFAULT_MODEL, "model to evaluate: alias, save_pretrained directory, .gguf file or HF id")
     probes: str = opt("bundled:news_updates_probes", "knowledge probe JSONL (see docs/evaluation.md); empty = no knowledge probes")
-    suite: str = opt("quick", "preset: quick (minutes on CPU) or full (sized for studies)", ("quick", "full"))
+    suite: str = opt("quick", "preset: quick (minutes on CPU), decision (sized by a power calculation, ~1 h on one CPU thread) "
+                              "or full (every item, GPU)", ("quick", "decision", "full"))
     out: str = opt("runs/eval", "output directory: eval.json, predictions/, reference_responses.jsonl")
     tasks: str = opt("all", f"comma-separated subset of: {', '.join(TASKS)}")
     reference: str = opt("", "the initial model, for drift KL and per-token KL (empty: the evaluated model is the reference)")
