@@ -52,6 +52,7 @@ METRICS = {
     "drift.doc_kl": ("Per-token KL on train docs", "kl"),
 }
 SKILLS = ("ifeval.inst_strict", "gsm8k.accuracy", "humaneval.pass@1")
+FIXED_COLORS = {"disc": "#1f77b4", "ft": "#2ca02c", "disc_all": "#d62728", "ft_kl": "#9467bd"}  # the same in every plot
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22",
           "#000080", "#ff1493", "#b8860b"]
 
@@ -443,6 +444,32 @@ def _finish(fig, title: str, path: Path, legend_width: float = 2.2) -> None:
     plt.close(fig)
 
 
+def color_map(methods) -> dict[str, str]:
+    rest = [c for c in COLORS if c not in FIXED_COLORS.values()]
+    out, i = {}, 0
+    for m in sorted(methods):
+        if m in FIXED_COLORS:
+            out[m] = FIXED_COLORS[m]
+        else:
+            out[m] = rest[i % len(rest)]
+            i += 1
+    return out
+
+
+def place_labels(ax, labels: list[tuple[float, float, str, str]], min_dist: float = 0.05) -> None:
+    """Learning-rate labels next to their points, skipping any that would sit within `min_dist` (axes fraction) of
+    one already placed: no overlapping labels."""
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    placed = []
+    for x, y, text, color in labels:
+        u, v = (x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1)
+        if any(abs(u - a) < min_dist * 1.6 and abs(v - b) < min_dist for a, b in placed):
+            continue
+        placed.append((u, v))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7, color=color)
+
+
 def _err(m: dict | None, s: float) -> float:
     return (m.get("half") or 0.0) * s if m else 0.0
 
@@ -463,11 +490,12 @@ def plot_frontier(path: Path, base: dict | None, groups: dict, selection: dict, 
     import matplotlib.pyplot as plt
 
     xkeys = [k for k in xkeys if base is None or k in base["metrics"] or k in KL_KEYS] or xkeys[:1]
-    colors = {m: COLORS[i % len(COLORS)] for i, m in enumerate(groups)}
+    colors = color_map(groups)
     chunks = method_chunks(list(groups), MAX_SERIES - (1 if base else 0), anchor)
     panels = [(x, c) for x in xkeys for c in chunks]
     fig, axes = _grid(plt, len(panels), cols=min(len(chunks), 3) if len(chunks) > 1 else 2)
     for ax, (xkey, chunk) in zip(axes, panels):
+        labels = []
         for method in chunk:
             by_lr, color = groups[method], colors[method]
             pts = []
@@ -481,8 +509,8 @@ def plot_frontier(path: Path, base: dict | None, groups: dict, selection: dict, 
             ys = [p[2]["value"] * scale(domain) for p in pts]
             ax.errorbar(xs, ys, xerr=[_err(p[1], scale(xkey)) for p in pts], yerr=[_err(p[2], scale(domain)) for p in pts],
                         color=color, marker="o", ms=5, lw=1.4, capsize=2, alpha=0.9, label=method)
-            for i, ((lr, _, _), x, y) in enumerate(zip(pts, xs, ys)):
-                ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -10), fontsize=7, color=color)
+            for (lr, _, _), x, y in zip(pts, xs, ys):
+                labels.append((x, y, f"{lr:g}", color))
                 if selection.get(method, {}).get("lr") == lr:
                     ax.scatter([x], [y], s=200, facecolors="none", edgecolors=color, linewidths=2, zorder=5)
         if base and domain in base["metrics"] and (xkey in base["metrics"] or xkey in KL_KEYS):
@@ -496,6 +524,7 @@ def plot_frontier(path: Path, base: dict | None, groups: dict, selection: dict, 
         if len(chunks) > 1:
             ax.set_title(", ".join(chunk), fontsize=8)
         ax.grid(alpha=0.3)
+        place_labels(ax, sorted(labels, key=lambda t: -t[1]))
     _finish(fig, "Knowledge gained vs capability retained (labels: learning rate; circle: CP pick, paper rule; bars: 95 % intervals)", path)
 
 
@@ -510,9 +539,11 @@ def plot_kl_vs_drop(path: Path, base: dict, groups: dict, ykeys: list[str]) -> d
     ykeys = [k for k in ykeys if k in base["metrics"]]
     fig, axes = _grid(plt, len(ykeys))
     correlations = {}
+    colors = color_map(groups)
+    named = list(groups) if len(groups) <= MAX_SERIES else [m for m in groups if m in FIXED_COLORS]
     for ax, ykey in zip(axes, ykeys):
         xs_all, ys_all = [], []
-        for ci, (method, by_lr) in enumerate(groups.items()):
+        for method, by_lr in sorted(groups.items(), key=lambda kv: kv[0] in named):  # the named methods drawn on top
             xs, ys, lo, hi = [], [], [], []
             for lr, runs in by_lr.items():
                 for r in runs:
@@ -526,7 +557,9 @@ def plot_kl_vs_drop(path: Path, base: dict, groups: dict, ykeys: list[str]) -> d
                     ys.append(-est.delta * scale(ykey))
                     lo.append((est.hi - est.delta) * scale(ykey) if est.defined else 0.0)  # the drop's interval is the change's, mirrored
                     hi.append((est.delta - est.lo) * scale(ykey) if est.defined else 0.0)
-            ax.errorbar(xs, ys, yerr=[lo, hi], ls="none", marker="o", ms=5, capsize=2, color=COLORS[ci % len(COLORS)], label=method)
+            shown = method in named
+            ax.errorbar(xs, ys, yerr=[lo, hi], ls="none", marker="o" if shown else ".", ms=5 if shown else 6, capsize=2,
+                        color=colors[method] if shown else "#b0b0b0", label=method if shown else "other methods", zorder=3 if shown else 2)
             xs_all += xs
             ys_all += ys
         ax.axhline(0, color="grey", lw=0.8)

@@ -378,19 +378,21 @@ def plot_continual(path: Path, series: dict, base: dict | None, probe_round: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import COLORS, _finish, _grid
+    from .report import _finish, _grid, color_map, place_labels
 
     keys = [k for k in ("ifeval.prompt_strict", "ifeval.inst_strict", "drift.chat_kl") if base is None or k in base["metrics"] or k in KL_KEYS]
     fig, axes = _grid(plt, rounds + len(keys), cols=3)
     base_acc = probe_round_accuracy(base, probe_round) if base else {}
 
+    labels: dict = {}
+
     def draw(ax, xs, ys, es, color, label, digits):
         ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=2, label=label)
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.{digits}f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6.5, color=color)
+        labels.setdefault(ax, []).extend((x, y, f"{y:.{digits}f}", color) for x, y in zip(xs, ys))
 
-    for ci, (method, points) in enumerate(series.items()):
-        color = COLORS[ci % len(COLORS)]
+    colors = color_map(series)
+    for method, points in series.items():
+        color = colors[method]
         for r in range(1, rounds + 1):
             pts = [(0, base_acc[r])] if r in base_acc else []
             pts += [(p[0], p[1][r]) for p in points if p[0] >= r and r in p[1]]
@@ -409,7 +411,9 @@ def plot_continual(path: Path, series: dict, base: dict | None, probe_round: dic
     for ax in axes[: rounds + len(keys)]:
         ax.set_xlabel("after round (0 = initial model)", fontsize=8)
         ax.set_xticks(range(0, rounds + 1))
+        ax.set_xlim(-0.3, rounds + 0.5)
         ax.grid(alpha=0.3)
+        place_labels(ax, labels.get(ax, []), min_dist=0.04)
     _finish(fig, "Continual updates: each round's value (bars: 95 % intervals; IFEval inst.-level without per-item scores: ±1.96 SE)", path)
 
 
