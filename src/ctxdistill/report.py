@@ -197,19 +197,20 @@ def mean_metric(runs: list[dict], key: str) -> dict | None:
     return {"value": value, "stderr": se, "half": half, "n": vals[0]["n"], "seeds": len(vals)}
 
 
-def _drop_bound(runs: list[dict], base: dict, skill: str, confident: bool) -> tuple[float | None, str]:
+def _drop_bound(runs: list[dict], base: dict, skill: str, confident: bool) -> tuple[float | None, str, str]:
     """Points lost on a skill: the point estimate (paper rule) or the upper 95 % bound (confidence-aware)."""
-    est = vs_base(runs, base, skill)
+    est, used = vs_base(runs, base, skill), skill
     note = ""
     if confident and not est.defined and skill in FALLBACK:
-        est, note = vs_base(runs, base, FALLBACK[skill]), f"{FALLBACK[skill]} in place of {skill} ({est.reason})"
+        used = FALLBACK[skill]
+        est, note = vs_base(runs, base, used), f"{used} in place of {skill} ({est.reason})"
     if est.delta is None:
-        return None, note
+        return None, note, used
     if not confident:
-        return -est.delta * scale(skill), note
+        return -est.delta * scale(used), note, used
     if not est.defined:
-        return math.inf, est.reason
-    return -est.lo * scale(skill), note
+        return math.inf, est.reason, used
+    return -est.lo * scale(used), note, used
 
 
 def cp_select(groups: dict, base: dict, domain: str, skills: list[str], threshold: float, confident: bool = False) -> dict:
@@ -224,11 +225,11 @@ def cp_select(groups: dict, base: dict, domain: str, skills: list[str], threshol
             for skill in skills:
                 if base is None or skill not in base["metrics"] or not any(skill in r["metrics"] for r in runs):
                     continue
-                bound, note = _drop_bound(runs, base, skill, confident)
+                bound, note, used = _drop_bound(runs, base, skill, confident)
                 if note:
                     notes.add(note)
                 if bound is not None:
-                    drops[skill] = bound
+                    drops[used] = bound
             too_big = {s: d for s, d in drops.items() if d > threshold}
             if too_big:
                 rejected[lr] = too_big
@@ -563,10 +564,11 @@ def plot_kl_vs_drop(path: Path, base: dict, groups: dict, ykeys: list[str]) -> d
             xs_all += xs
             ys_all += ys
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if xs_all:  # a log axis without data cannot be laid out
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("per-token KL(initial ‖ updated) on training docs (nats)", fontsize=8)
         label, kind = METRICS.get(ykey, (ykey, "prop"))
         ax.set_ylabel(f"drop in {label}" + (" (points)" if kind == "prop" else " (nats/token)"), fontsize=8)
