@@ -206,7 +206,8 @@ def primary_lines(primary: dict, name: str, groups: dict) -> list[str]:
     text = fmt_est(key, est)
     verdict = ("the interval excludes 0" if est.excludes_zero() else
                "the interval includes 0: no difference is shown, and none is ruled out beyond the interval" if est.defined else "no interval")
-    return head + [f"{text} over {len(xa)} seed(s), n = {est.n} items, {est.method or '—'}, p = "
+    notes = f" ({'; '.join(est.notes)})" if est.notes else ""
+    return head + [f"{text} over {len(xa)} seed(s), n = {est.n} items, {est.method or '—'}{notes}, p = "
                    + (f"{est.p:.3g}" if est.p is not None else "—") + f": {verdict}. A family of one (not Holm-adjusted). "
                    "Designated in configs/study.yaml after this study was run, so it is the comparison the powered study "
                    "pre-registers, not a confirmed result.", ""]
