@@ -302,6 +302,17 @@ def cp_lines(cp: dict, domain: str, skills: list[str], threshold: float) -> list
     return lines
 
 
+def jsonable(value):
+    """A JSON-safe copy: non-finite floats (an unbounded drop) become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def digits_of(key: str) -> int:
     return 1 if scale(key) == 100 else (4 if METRICS.get(key, ("", ""))[1] == "kl" else 3)
 
@@ -366,7 +377,7 @@ class Table:
             if self.k:
                 out.append("| " + " | ".join(mdes) + " |")
             out += ["", (note + " " if note else "") + f"[95 % interval]; † = Holm-adjusted p < {self.alpha:g} within this table "
-                    f"(family of {family} tests)" + (f"; last row: MDE, {self.k:g} paired SEs (median over the column)." if self.k else ".")]
+                    f"(family of {family} test{'s' if family != 1 else ''})" + (f"; last row: MDE, {self.k:g} paired SEs (median over the column)." if self.k else ".")]
         return out
 
 
@@ -635,8 +646,8 @@ def write_report(cfg: ReportConfig) -> dict:
             f"{METRICS.get(k, (k,))[0]} {v:.2f}" if v is not None else f"{METRICS.get(k, (k,))[0]} –" for k, v in correlations.items()) + ".\n"
     report_path = out / "report.md"
     report_path.write_text(text, encoding="utf-8")
-    (out / "selection.json").write_text(json.dumps({"cp": cp["paper"], "cp_confident": cp["confident"], "cp_per_seed": cp["per_seed"],
+    (out / "selection.json").write_text(json.dumps(jsonable({"cp": cp["paper"], "cp_confident": cp["confident"], "cp_per_seed": cp["per_seed"],
                                                     "threshold": cfg.cp_threshold, "skills": skills,
-                                                    "domain_metric": cfg.domain_metric, "kl_correlations": correlations},
+                                                    "domain_metric": cfg.domain_metric, "kl_correlations": correlations}),
                                                    indent=2, default=str) + "\n", encoding="utf-8")
     return {"report": str(report_path), "plots": plots, "selection": cp["paper"], "selection_confident": cp["confident"]}

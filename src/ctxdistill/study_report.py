@@ -18,7 +18,7 @@ import numpy as np
 
 from . import stats
 from .report import (KL_KEYS, METRICS, ReportConfig, Table, _num, build_markdown, compare, cp_both, cp_lines, digits_of, fmt_est,
-                     group_runs, item_vector, mean_metric, plot_frontier, plot_kl_vs_drop, scale, seed_pairs, vs_base)
+                     group_runs, item_vector, jsonable, mean_metric, plot_frontier, plot_kl_vs_drop, scale, seed_pairs, vs_base)
 from .stats import interpolate_at  # noqa: F401  (the interpolation the matched tables use)
 
 SKILLS = ["ifeval.inst_strict", "gsm8k.accuracy", "humaneval.pass@1"]
@@ -479,6 +479,6 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     tmp.replace(path)
-    (figures / "selection.json").write_text(json.dumps(extra, indent=2, default=str) + "\n", encoding="utf-8")
+    (figures / "selection.json").write_text(json.dumps(jsonable(extra), indent=2, default=str) + "\n", encoding="utf-8")
     log(f"study: results -> {path}")
     return {"results": str(path), "selection": extra}
