@@ -295,10 +295,12 @@ def cp_lines(cp: dict, domain: str, skills: list[str], threshold: float) -> list
     for method, sel in cp["confident"].items():
         if sel["lr"] is None and sel["rejected"]:
             worst = {lr: max(v.items(), key=lambda kv: kv[1]) for lr, v in sel["rejected"].items()}
-            why.append(f"{method}: " + ", ".join(f"lr {lr:g} {s} bound {b:.1f}" if math.isfinite(b) else f"lr {lr:g} {s} no interval"
-                                                 for lr, (s, b) in worst.items()))
+            lr, (skill, bound) = min(worst.items(), key=lambda kv: kv[1][1])
+            why.append(f"{method} {bound:.1f} (lr {lr:g}, {skill})" if math.isfinite(bound) else f"{method}: no interval ({skill})")
     if why:
-        lines += ["Why the confidence-aware rule rejects (largest upper bound of a drop, points): " + "; ".join(why) + ".", ""]
+        lines += [f"Where the confidence-aware rule certifies nothing, the closest any learning rate came (the smallest, over "
+                  f"learning rates, of the largest upper bound of a skill drop, points; it must be ≤ {threshold:g}): "
+                  + "; ".join(why) + ". The full bounds are in selection.json.", ""]
     return lines
 
 
