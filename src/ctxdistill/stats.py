@@ -17,7 +17,8 @@ computed, the reason (printed as "—", never as "not significant").
   can say.
 - **Binary outcomes, one seed.** The exact McNemar (sign) test on the discordant pairs, and Tango's
   score interval for the difference of paired proportions (non-degenerate with 0 or 1 discordant pairs,
-  where the normal interval collapses to ±0).
+  where the normal interval collapses to ±0). Several seeds: the two-way t below (pooling the seeds'
+  pairs into one McNemar table ignores the seed variance); pooled only when that SE is 0.
 - **Continuous outcomes, one seed.** Student t with n − 1 degrees of freedom (n = 6 is not a normal
   sample size).
 - **Families.** Holm's step-down adjustment within each table (`holm`), the family size printed.
@@ -177,8 +178,9 @@ def paired(a: list[np.ndarray], b: list[np.ndarray], clusters: list | None = Non
     """A − B from per-seed item scores (each a length-N array over the same items, one per seed, seeds matched).
 
     One seed, binary, unclustered items: exact McNemar p and Tango's interval. Otherwise: cluster-robust
-    two-way (items × seeds) t. Binary with several seeds and fewer than 10 discordant pairs in all: the
-    seeds are pooled into one McNemar table (the seed variance cannot be estimated from so few pairs)."""
+    two-way (items × seeds) t, also for binary items with few discordant pairs (pooling the seeds into one
+    McNemar table ignores the seed variance and undercovers, bench_ci_coverage.py); pooled only when the
+    two-way SE is 0 (every item difference identical in every seed, e.g. no discordant pair at all)."""
     if not a or not b or len(a) != len(b):
         return undefined(NO_ITEMS)
     A, B = np.stack([np.asarray(x, float) for x in a]), np.stack([np.asarray(x, float) for x in b])
@@ -186,17 +188,17 @@ def paired(a: list[np.ndarray], b: list[np.ndarray], clusters: list | None = Non
         return undefined(NO_ITEMS if A.shape[1:] == B.shape[1:] else OTHER_ITEMS)
     binary = is_binary(A) and is_binary(B) if binary is None else binary
     k = A.shape[0]
+    u = cluster_totals(A - B, clusters)
     if binary and (clusters is None or len(set(clusters)) == len(clusters)):
         bb, cc = int(((A == 1) & (B == 0)).sum()), int(((A == 0) & (B == 1)).sum())
-        if k == 1 or bb + cc < 10:
+        if k == 1 or two_way(u)[1] == 0:  # several seeds: pooled only where the two-way SE is degenerate
             n = A.size
             lo, hi = tango_interval(bb, cc, n)
             est = Estimate((bb - cc) / n, math.sqrt(max(bb + cc - (bb - cc) ** 2 / n, 0)) / n, lo, hi, mcnemar_exact(bb, cc),
                            A.shape[1], k, "McNemar exact + Tango score interval", notes=[f"{bb + cc} discordant pairs"])
             if k > 1:
-                est.notes.append("seeds pooled (fewer than 10 discordant pairs)")
+                est.notes.append("seeds pooled: every item difference is the same in every seed")
             return est
-    u = cluster_totals(A - B, clusters)
     return t_estimate(u, "t, clustered by item" + (" and seed (two-way)" if k > 1 else ""))
 
 
@@ -257,13 +259,14 @@ class Curve:
     metric: list[np.ndarray]
 
 
-def curve_values(curve: Curve, target: float) -> np.ndarray:
-    """Per resample: the metric where the curve first reaches `target` (NaN where it never does)."""
+def curve_values(curve: Curve, gain: float) -> np.ndarray:
+    """Per resample: the metric where the curve first reaches its own initial score (first point) plus `gain`
+    (NaN where it never does): the initial model's score is resampled too, so its noise is in the interval."""
     B = len(curve.domain[0])
     out = np.full(B, np.nan)
     dom, met = np.stack(curve.domain, axis=1), np.stack(curve.metric, axis=1)
     for b in range(B):
-        v = interpolate_at(list(zip(dom[b], met[b])), target)
+        v = interpolate_at(list(zip(dom[b], met[b])), dom[b, 0] + gain)
         if v is not None:
             out[b] = v
     return out

@@ -122,7 +122,7 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
             if reason or method not in curves:
                 cells.append("not reached" if v is None else f"{_num((v - base_key) * s_key, digits_of(key))} [— {reason}]")
                 continue
-            boot = stats.curve_values(curves[method], target) - base_key
+            boot = stats.curve_values(curves[method], g / s_dom) - base_key
             values[(method, g)] = boot
             summ = stats.bootstrap_summary(boot, None if v is None else v - base_key)
             cells.append(_boot_cell(key, summ))
