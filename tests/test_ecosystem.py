@@ -1,0 +1,97 @@
+"""The ecosystem's habits (issue 16): LR schedules, trackers, the check during training and its forgetting
+budget, model cards, Hub / save_to_disk datasets, safe teachers, launching under accelerate.
+
+All on the tiny random-init Llama (conftest), fp32 on CPU, a few steps each.
+"""
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctxdistill.config import TrainConfig
+from ctxdistill.errors import CtxDistillError, TrainingInterrupted
+from ctxdistill.training import train
+
+from conftest import NEWS
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def base(model_dir, corpus, **overrides):
+    values = dict(method="ft", model=str(model_dir), corpus=str(corpus), device="cpu", precision="fp32", lr=1e-3, seed=0,
+                  epochs=3, checkpoint_every=0, threads=1)
+    return values | overrides
+
+
+def losses(out):
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    return load_file(out / "model" / "model.safetensors")
+
+
+# -- learning-rate schedules --------------------------------------------------------------------------
+
+
+def test_cosine_with_warmup_resumes_bit_identically(monkeypatch, tiny_model_dir, corpus_file, tmp_path):
+    """SIGTERM during step 3 (checkpointed after it), then resume: same weights, same losses and lrs."""
+    from ctxdistill.methods.ft import FineTune
+
+    values = base(tiny_model_dir, corpus_file, lr_scheduler="cosine", warmup_steps=2)  # 2 documents x 3 epochs = 6 steps
+    train(TrainConfig.create(out=str(tmp_path / "ref"), **values), progress=False, log=quiet)
+    loss, calls = FineTune.loss, {"n": 0}
+
+    def signalling_loss(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(FineTune, "loss", signalling_loss)
+    with pytest.raises(TrainingInterrupted):
+        train(TrainConfig.create(out=str(tmp_path / "resumed"), **values), progress=False, log=quiet)
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["lr_scheduler"]["state"]["last_epoch"] == 3 and state["lr_scheduler"]["total_steps"] == 6
+    monkeypatch.setattr(FineTune, "loss", loss)
+    resumed = train(TrainConfig.create(out=str(tmp_path / "resumed"), **values), progress=False, log=quiet)
+    assert resumed.summary["resumed_from"]["step"] == 3
+    ref, res = weights(tmp_path / "ref"), weights(tmp_path / "resumed")
+    assert all(torch.equal(ref[k], res[k]) for k in ref), "weights differ after a resume under cosine + warm-up"
+    strip = lambda out: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in losses(out)]
+    assert strip(tmp_path / "ref") == strip(tmp_path / "resumed")
+    lrs = [r["lr"] for r in losses(tmp_path / "ref")]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3), "linear warm-up over 2 steps"
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0, "then the cosine decay"
+    # the decay depends on the run's length: resuming with another --max-steps is refused
+    cfg = TrainConfig.create(out=str(tmp_path / "other"), **values | {"checkpoint_every": 2, "max_steps": 2, "save_model": False})
+    train(cfg, progress=False, log=quiet)
+    (tmp_path / "other" / "run.json").unlink()  # as if killed after its checkpoint
+    with pytest.raises(CtxDistillError, match="keep --max-steps"):
+        train(cfg.replace(max_steps=5), progress=False, log=quiet)
+
+
+def test_constant_is_the_default_and_logs_its_lr(tiny_model_dir, corpus_file, tmp_path):
+    values = base(tiny_model_dir, corpus_file, epochs=1, save_model=False, checkpoint_every=1)
+    result = train(TrainConfig.create(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
+    assert result.summary["config"]["lr_scheduler"] == "constant"
+    assert [r["lr"] for r in losses(tmp_path / "run")] == [1e-3, 1e-3]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert "lr_scheduler" not in state, "constant builds no scheduler: the default run is unchanged"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lr_scheduler="constant", warmup_steps=5), "has no warm-up"),
+    (dict(lr_scheduler="cosine", warmup_ratio=1.5), "warmup_ratio must be in"),
+    (dict(lr_scheduler="cosine", warmup_steps=-1), "warmup_steps must be >= 0"),
+])
+def test_bad_schedule_options_are_one_line(options, message):
+    with pytest.raises(CtxDistillError, match=message):
+        TrainConfig.create(**options).validate()
