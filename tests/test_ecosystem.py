@@ -95,3 +95,37 @@ def test_constant_is_the_default_and_logs_its_lr(tiny_model_dir, corpus_file, tm
 def test_bad_schedule_options_are_one_line(options, message):
     with pytest.raises(CtxDistillError, match=message):
         TrainConfig.create(**options).validate()
+
+
+# -- experiment trackers --------------------------------------------------------------------------------
+
+
+def test_tensorboard_event_files_hold_the_logged_losses(tiny_model_dir, corpus_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    values = base(tiny_model_dir, corpus_file, method="ft_kl", teacher_dtype="fp32", epochs=1, report_to="tensorboard", save_model=False)
+    train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/ce", "train/kl"} <= set(scalars), scalars
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in losses(out)]
+
+
+def test_a_missing_tracker_names_the_extra_to_install(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(CtxDistillError, match=r"pip install 'ctxdistill\[wandb\]'"):
+        train(TrainConfig.create(out=str(tmp_path / "run"), **base(tiny_model_dir, corpus_file, report_to="tensorboard,wandb")),
+              progress=False, log=quiet)
+    assert not (tmp_path / "run").exists(), "refused before OUT was created"
+
+
+@pytest.mark.parametrize("value", ["tensorbord", "none,wandb", ""])
+def test_bad_report_to_is_one_line(value):
+    with pytest.raises(CtxDistillError, match="report_to"):
+        TrainConfig.create(report_to=value).validate()
