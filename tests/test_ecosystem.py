@@ -42,10 +42,12 @@ def weights(out):
 
 
 def test_cosine_with_warmup_resumes_bit_identically(monkeypatch, tiny_model_dir, corpus_file, tmp_path):
-    """SIGTERM during step 3 (checkpointed after it), then resume: same weights, same losses and lrs."""
+    """SIGTERM during step 3 (checkpointed after it), then resume: same weights, same losses, lrs and
+    drift checks (the check's reference is rebuilt from the initial weights on resume)."""
     from ctxdistill.methods.ft import FineTune
 
-    values = base(tiny_model_dir, corpus_file, lr_scheduler="cosine", warmup_steps=2)  # 2 documents x 3 epochs = 6 steps
+    values = base(tiny_model_dir, corpus_file, lr_scheduler="cosine", warmup_steps=2,  # 2 documents x 3 epochs = 6 steps
+                  eval_every=2, eval_prompts=2, eval_max_new_tokens=6)
     train(TrainConfig.create(out=str(tmp_path / "ref"), **values), progress=False, log=quiet)
     loss, calls = FineTune.loss, {"n": 0}
 
@@ -67,11 +69,12 @@ def test_cosine_with_warmup_resumes_bit_identically(monkeypatch, tiny_model_dir,
     assert all(torch.equal(ref[k], res[k]) for k in ref), "weights differ after a resume under cosine + warm-up"
     strip = lambda out: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in losses(out)]
     assert strip(tmp_path / "ref") == strip(tmp_path / "resumed")
+    assert [r.get("eval_chat_kl") is not None for r in losses(tmp_path / "ref")] == [False, True, False, True, False, True]
     lrs = [r["lr"] for r in losses(tmp_path / "ref")]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3), "linear warm-up over 2 steps"
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0, "then the cosine decay"
     # the decay depends on the run's length: resuming with another --max-steps is refused
-    cfg = TrainConfig.create(out=str(tmp_path / "other"), **values | {"checkpoint_every": 2, "max_steps": 2, "save_model": False})
+    cfg = TrainConfig.create(out=str(tmp_path / "other"), **values | {"checkpoint_every": 2, "max_steps": 2, "save_model": False, "eval_every": 0})
     train(cfg, progress=False, log=quiet)
     (tmp_path / "other" / "run.json").unlink()  # as if killed after its checkpoint
     with pytest.raises(CtxDistillError, match="keep --max-steps"):
@@ -129,3 +132,50 @@ def test_a_missing_tracker_names_the_extra_to_install(tiny_model_dir, corpus_fil
 def test_bad_report_to_is_one_line(value):
     with pytest.raises(CtxDistillError, match="report_to"):
         TrainConfig.create(report_to=value).validate()
+
+
+# -- the check during training, the forgetting budget -----------------------------------------------------
+
+
+def test_eval_every_logs_drift_without_changing_training_and_stop_at_drift_keeps_the_last_good_step(tiny_model_dir, corpus_file, tmp_path):
+    values = base(tiny_model_dir, corpus_file, epochs=2, eval_every=1, eval_prompts=3, eval_max_new_tokens=8,
+                  eval_probes="bundled:news_updates_probes", eval_probe_limit=4)
+    watched = train(TrainConfig.create(out=str(tmp_path / "watched"), **values), progress=False, log=quiet)
+    records = losses(tmp_path / "watched")
+    drift = [r["eval_chat_kl"] for r in records]
+    assert len(drift) == 4 and all("eval_probe_acc" in r for r in records)
+    assert 0 < drift[0] < drift[1] < drift[2], drift  # forgetting grows with the steps at this learning rate
+    assert [e["chat_kl"] for e in watched.summary["evaluations"]] == drift
+
+    # the check does not move the training: the first 2 steps equal a run without it
+    plain = train(TrainConfig.create(out=str(tmp_path / "plain"), **base(tiny_model_dir, corpus_file, max_steps=2)), progress=False, log=quiet)
+    assert [r["loss"] for r in losses(tmp_path / "plain")] == [r["loss"] for r in records[:2]]
+
+    # a budget between the drift of step 2 and step 3: stops at 3, saves step 2
+    budget = (drift[1] + drift[2]) / 2
+    stopped = train(TrainConfig.create(out=str(tmp_path / "budget"), **values | {"stop_at_drift": budget}), progress=False, log=quiet)
+    info = json.loads((tmp_path / "budget" / "run.json").read_text())["stopped_at_drift"]
+    assert info["step"] == 3 and info["kept_step"] == 2 and info["chat_kl"] == pytest.approx(drift[2]) and "step 2" in info["reason"]
+    assert len(losses(tmp_path / "budget")) == 3 and stopped.summary["counts"]["steps"] == 3
+    kept, two_steps = weights(tmp_path / "budget"), weights(tmp_path / "plain")
+    assert all(torch.equal(kept[k], two_steps[k]) for k in kept), "the saved model is the step-2 checkpoint"
+    assert "stopped by the forgetting budget" in (tmp_path / "budget" / "model" / "README.md").read_text()
+
+
+def test_a_budget_exceeded_at_the_first_check_saves_the_initial_model(tiny_model_dir, corpus_file, tmp_path):
+    values = base(tiny_model_dir, corpus_file, eval_every=1, eval_prompts=2, eval_max_new_tokens=6, stop_at_drift=1e-9)
+    result = train(TrainConfig.create(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
+    assert result.summary["stopped_at_drift"]["kept_step"] == 0
+    saved, initial = weights(tmp_path / "run"), load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(saved[k], initial[k]) for k in saved)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(stop_at_drift=0.1), "needs --eval-every"),
+    (dict(stop_at_drift=0.1, eval_every=3, checkpoint_every=10), "multiple of --eval-every"),
+    (dict(stop_at_drift=0.1, eval_every=5, out=""), "needs --out"),
+    (dict(eval_every=-1), "eval_every must be >= 0"),
+])
+def test_bad_check_options_are_one_line(options, message):
+    with pytest.raises(CtxDistillError, match=message):
+        TrainConfig.create(**options).validate()
