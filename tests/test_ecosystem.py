@@ -179,3 +179,72 @@ def test_a_budget_exceeded_at_the_first_check_saves_the_initial_model(tiny_model
 def test_bad_check_options_are_one_line(options, message):
     with pytest.raises(CtxDistillError, match=message):
         TrainConfig.create(**options).validate()
+
+
+# -- model cards, --push-to-hub ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def licensed_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with a card of its own (license: mit), as a base model on disk would have."""
+    import shutil
+
+    path = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, path)
+    (path / "README.md").write_text("---\nlicense: mit\n---\n\n# a base model\n", encoding="utf-8")
+    return path
+
+
+def test_every_saved_model_gets_a_hub_model_card_and_eval_adds_its_results(licensed_model_dir, corpus_file, tmp_path, capsys, short_preset):
+    from huggingface_hub import ModelCard
+
+    from ctxdistill.cli import main
+
+    out = tmp_path / "lora"
+    argv = ["train", "--method", "lora", "--model", str(licensed_model_dir), "--corpus", str(corpus_file), "--out", str(out), "--device", "cpu",
+            "--precision", "fp32", "--lr", "1e-3", "--lora-r", "4", "--lora-targets", "q_proj,v_proj", "--merge-lora", "--quiet", "--threads", "1"]
+    assert main(argv) == 0
+    adapter, merged = ModelCard.load(out / "model" / "README.md"), ModelCard.load(out / "merged" / "README.md")
+    assert adapter.data.library_name == "peft" and merged.data.library_name == "transformers"
+    assert adapter.data.license == "mit" and {"ctxdistill", "lora"} <= set(adapter.data.tags)
+    text = adapter.text
+    digest = __import__("hashlib").sha256(corpus_file.read_bytes()).hexdigest()
+    assert "by method `lora`" in text and digest in text and "2 documents" in text
+    assert "ctxdistill train --method lora" in text and "--merge-lora" in text, "the command line as typed"
+    assert "| `lora_r` | `4` |" in text and "| `lr` | `0.001` |" in text and "| `beta2` | `0.999` |" in text
+    from ctxdistill import __version__
+
+    assert f"ctxdistill/) {__version__}" in text
+
+    # `ctxdistill eval` on the merged model puts a results table with intervals into its card
+    assert main(["eval", "--model", str(out / "merged"), "--tasks", "drift", "--out", str(tmp_path / "eval"), "--device", "cpu",
+                 "--threads", "1", "--quiet", "--probes", ""]) == 0
+    card = (out / "merged" / "README.md").read_text()
+    assert "| `drift.chat_logprob` |" in card and "95 % interval" in card and "No evaluation yet" not in card
+    assert ModelCard.load(out / "merged" / "README.md").data.library_name == "transformers", "front matter intact"
+
+
+def test_a_full_fine_tune_card_from_the_python_api(tiny_model_dir, corpus_file, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from ctxdistill import model_card
+
+    model_card._COMMAND = None
+    train(TrainConfig.create(out=str(tmp_path / "ft"), **base(tiny_model_dir, corpus_file, max_steps=1)), progress=False, log=quiet)
+    card = ModelCard.load(tmp_path / "ft" / "model" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.license is None, "no license is invented"
+    assert "equivalent of the Python API call" in card.text and "--max-steps 1" in card.text
+
+
+def test_push_to_hub_offline_is_refused_in_one_line_before_training(tiny_model_dir, corpus_file, tmp_path, monkeypatch, capsys):
+    from ctxdistill.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["train", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--out", str(tmp_path / "run"), "--device", "cpu",
+            "--push-to-hub", "someone/updated-model", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HF_HUB_OFFLINE is set" in err[0] and "someone/updated-model" in err[0]
+    assert not (tmp_path / "run").exists()
+    assert main(argv[:-3] + ["--push-to-hub", "not-a-repo-id"]) == 2
+    assert "OWNER/NAME" in capsys.readouterr().err

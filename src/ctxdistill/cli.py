@@ -132,7 +132,10 @@ def cmd_train(args, options: dict) -> None:
     from .config import TrainConfig
     from .training import train
 
+    from .model_card import set_command_line
+
     cfg = build_config(TrainConfig, args.config, options)
+    set_command_line(["ctxdistill", *args.argv])  # shown in the model card
     result = train(cfg, progress=not args.quiet)
     counts = result.summary["counts"]
     if is_main_process():
@@ -232,8 +235,10 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "quiet", "k")}
+    args.argv = argv
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "quiet", "k", "argv")}
     try:
         quiet_libraries()
         HANDLERS[args.command](args, options)

@@ -139,9 +139,9 @@ def build_card(cfg, summary: dict, corpus: dict, kind: str) -> str:
         tags.append("peft")
     data = ModelCardData(base_model=base, library_name="peft" if kind == "adapter" else "transformers", tags=tags, license=license_)
     counts = summary.get("counts", {})
-    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in hyperparameters(cfg).items())
-    what = {"adapter": "a LoRA adapter (PEFT) for the base model", "merged": "the LoRA adapter merged into the base model",
-            "model": "the fully fine-tuned model"}[kind]
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hyperparameters(cfg).items())
+    what = {"adapter": "A LoRA adapter (PEFT) for the base model", "merged": "A LoRA adapter merged into the base model",
+            "model": "A fully fine-tuned model"}[kind]
     lines = [
         f"# {Path(cfg.out).name if cfg.out else 'ctxdistill model'}", "",
         f"{what}, trained with [ctxdistill](https://pypi.org/project/ctxdistill/) {__version__} by method `{cfg.method}` "
