@@ -248,3 +248,42 @@ def test_push_to_hub_offline_is_refused_in_one_line_before_training(tiny_model_d
     assert not (tmp_path / "run").exists()
     assert main(argv[:-3] + ["--push-to-hub", "not-a-repo-id"]) == 2
     assert "OWNER/NAME" in capsys.readouterr().err
+
+
+# -- safe teachers ---------------------------------------------------------------------------------------------
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(tiny_model_dir, tokenizer, corpus_file, tmp_path, capsys):
+    import shutil
+
+    from conftest import tiny_llama
+    from ctxdistill.cli import main
+
+    grown = tmp_path / "teacher-more-tokens"
+    shutil.copytree(tiny_model_dir, grown)
+    extended = type(tokenizer).from_pretrained(tiny_model_dir)
+    extended.add_tokens(["<|new-token|>"])
+    extended.save_pretrained(grown)
+    wider = tmp_path / "teacher-wider-head"  # same tokenizer, 64 more rows in the LM head (TRL#2215's case)
+    tiny_llama(len(tokenizer) + 64).save_pretrained(wider)
+    tokenizer.save_pretrained(wider)
+    capsys.readouterr()
+    for teacher, message in ((grown, f"{len(tokenizer) + 1} vs {len(tokenizer)} tokens"), (wider, "config vocab_size")):
+        argv = ["train", "--method", "ft_kl", "--model", str(tiny_model_dir), "--teacher-model", str(teacher), "--corpus", str(corpus_file),
+                "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "--teacher-model" in err[0], err
+        assert not (tmp_path / "run").exists(), "refused before OUT was created or any weights loaded"
+
+
+def test_the_vocabulary_hash_tells_same_sized_vocabularies_apart():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from ctxdistill.teachers import vocabulary_signature
+
+    make = lambda vocab: PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")))
+    one, same, swapped = make({"a": 0, "b": 1}), make({"a": 0, "b": 1}), make({"a": 1, "b": 0})
+    assert vocabulary_signature(one) == vocabulary_signature(same)
+    assert vocabulary_signature(one)[0] == vocabulary_signature(swapped)[0] and vocabulary_signature(one) != vocabulary_signature(swapped)
