@@ -287,3 +287,63 @@ def test_the_vocabulary_hash_tells_same_sized_vocabularies_apart():
     one, same, swapped = make({"a": 0, "b": 1}), make({"a": 0, "b": 1}), make({"a": 1, "b": 0})
     assert vocabulary_signature(one) == vocabulary_signature(same)
     assert vocabulary_signature(one)[0] == vocabulary_signature(swapped)[0] and vocabulary_signature(one) != vocabulary_signature(swapped)
+
+
+# -- Hub and save_to_disk corpora ----------------------------------------------------------------------------------
+
+
+def test_a_save_to_disk_corpus_trains_with_its_own_field_names(tiny_model_dir, tmp_path, monkeypatch):
+    import datasets
+
+    from ctxdistill.inputs import hub
+    from ctxdistill.inputs.corpus import load_corpus
+
+    rows = {"body": NEWS + ["", NEWS[0]], "uid": ["a", "b", "c", "d"], "other": [1, 2, 3, 4]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved_dict"))
+    monkeypatch.setattr(hub, "BATCH", 3)  # rows arrive in batches, not all at once
+    for spec in (tmp_path / "saved", tmp_path / "saved_dict"):
+        documents, report = load_corpus(str(spec), text_field="body", id_field="uid")
+        assert [d.id for d in documents] == ["a", "b"] and documents[0].text == NEWS[0]
+        assert report.read == 4 and dict(report.skipped.items()).keys() == {"empty", "duplicate"}
+    with pytest.raises(CtxDistillError, match="no field 'text'"):
+        load_corpus(str(tmp_path / "saved"))
+    result = train(TrainConfig.create(out=str(tmp_path / "run"), **base(tiny_model_dir, tmp_path / "saved", text_field="body",
+                                                                         id_field="uid", max_steps=1, save_model=False)), progress=False, log=quiet)
+    assert result.summary["corpus"]["kept"] == 2 and losses(tmp_path / "run")[0]["documents"][0] in ("a", "b")
+
+
+def test_hub_corpora_go_through_load_dataset_and_name_the_cache_when_offline(monkeypatch, tmp_path):
+    import datasets
+
+    from ctxdistill.inputs import hub
+    from ctxdistill.inputs.corpus import load_corpus
+
+    calls = []
+
+    def fake_load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        return datasets.Dataset.from_dict({"text": NEWS, "id": ["x", "y"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    documents, _ = load_corpus("hf:someone/news:2026@validation")
+    assert calls == [("someone/news", "2026", "validation")] and [d.id for d in documents] == ["x", "y"]
+    load_corpus("hf:someone/news")
+    assert calls[-1] == ("someone/news", None, "train")
+
+    def offline_load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/news' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_load_dataset)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CtxDistillError, match="offline") as info:
+        load_corpus("hf:someone/news")
+    assert str(datasets.config.HF_DATASETS_CACHE) in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf:a/b/c", "hf:owner/name:", "hf:owner/name@"])
+def test_bad_hub_specs_are_one_line(spec):
+    from ctxdistill.inputs.corpus import load_corpus
+
+    with pytest.raises(CtxDistillError, match="hf:OWNER/NAME"):
+        load_corpus(spec)
