@@ -347,3 +347,43 @@ def test_bad_hub_specs_are_one_line(spec):
 
     with pytest.raises(CtxDistillError, match="hf:OWNER/NAME"):
         load_corpus(spec)
+
+
+# -- launching ------------------------------------------------------------------------------------------------------
+
+
+def test_the_accelerate_launch_command_line():
+    from ctxdistill.cli import launch_command
+
+    argv = ["train", "--num-processes", "4", "--corpus", "c.jsonl", "--accelerate-config=fsdp2.yaml", "--lr", "1e-5"]
+    assert launch_command(argv, 4, None, None) == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4",
+                                                   "--multi_gpu", "-m", "ctxdistill.cli", "train", "--corpus", "c.jsonl", "--lr", "1e-5"]
+    assert launch_command(argv, None, "fsdp2.yaml", 29511)[3:8] == ["--config_file", "fsdp2.yaml", "--main_process_port", "29511", "-m"]
+
+
+def test_num_processes_two_runs_under_accelerate_on_cpu(tiny_model_dir, corpus_file, tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    argv = ["train", "--num-processes", "2", "--main-process-port", str(port), "--method", "ft", "--model", str(tiny_model_dir),
+            "--corpus", str(corpus_file), "--out", str(out), "--device", "cpu", "--precision", "fp32", "--docs-per-step", "2",
+            "--threads", "1", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXDISTILL_LAUNCHED")}
+    result = subprocess.run([sys.executable, "-m", "ctxdistill.cli", *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["processes"] == {"world_size": 2, "mode": "data_parallel"} and run["counts"]["documents"] == 2
+    assert "--num-processes 2" in (out / "model" / "README.md").read_text(), "the card shows the command as typed"
+
+
+def test_bad_launch_values_are_one_line(capsys, tmp_path):
+    from ctxdistill.cli import main
+
+    assert main(["train", "--num-processes", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--num-processes must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--accelerate-config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
