@@ -227,9 +227,6 @@ def test_every_saved_model_gets_a_hub_model_card_and_eval_adds_its_results(licen
 def test_a_full_fine_tune_card_from_the_python_api(tiny_model_dir, corpus_file, tmp_path):
     from huggingface_hub import ModelCard
 
-    from ctxdistill import model_card
-
-    model_card._COMMAND = None
     train(TrainConfig.create(out=str(tmp_path / "ft"), **base(tiny_model_dir, corpus_file, max_steps=1)), progress=False, log=quiet)
     card = ModelCard.load(tmp_path / "ft" / "model" / "README.md")
     assert card.data.library_name == "transformers" and card.data.license is None, "no license is invented"

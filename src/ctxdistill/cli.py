@@ -199,7 +199,10 @@ def cmd_train(args, options: dict) -> int | None:
         return status
     launched_as = os.environ.get("CTXDISTILL_COMMAND") if os.environ.get("CTXDISTILL_LAUNCHED") == "1" else None
     set_command_line(shlex.split(launched_as) if launched_as else ["ctxdistill", *args.argv])  # shown in the model card
-    result = train(cfg, progress=not args.quiet)
+    try:
+        result = train(cfg, progress=not args.quiet)
+    finally:
+        set_command_line(None)
     counts = result.summary["counts"]
     if is_main_process():
         print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "

@@ -32,10 +32,10 @@ LORA = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 _COMMAND: list[str] | None = None
 
 
-def set_command_line(argv: list[str]) -> None:
-    """The CLI records the command it runs, so the card can show it verbatim."""
+def set_command_line(argv: list[str] | None) -> None:
+    """The CLI records the command it runs (and clears it after), so the card can show it verbatim."""
     global _COMMAND
-    _COMMAND = list(argv)
+    _COMMAND = list(argv) if argv else None
 
 
 def hub_offline() -> bool:

@@ -55,7 +55,7 @@ class Extensions:
         if resumed is not None:
             self.schedule.restore(resumed.state, t.resume_from)
             self.evals = list(resumed.state.get("evals", []))
-        self.trackers = Trackers(cfg, t.out_dir, t.rt.is_main, t.state.step if resumed is not None else None)
+        self.trackers = Trackers(cfg, t.out_dir, t.rt.is_main, t.state.step if resumed is not None else None, t.say)
 
     # -- every step ---------------------------------------------------------------------------------
 

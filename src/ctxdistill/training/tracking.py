@@ -57,7 +57,7 @@ def step_metrics(record: dict, seconds: float | None) -> dict:
 class Trackers:
     """The started trackers of one run (empty on other processes and under --report-to none)."""
 
-    def __init__(self, cfg, out_dir: Path | None, is_main: bool, resumed_step: int | None):
+    def __init__(self, cfg, out_dir: Path | None, is_main: bool, resumed_step: int | None, say=print):
         self.trackers = []
         self.last = time.perf_counter()
         names = requested(cfg.report_to)
@@ -84,10 +84,14 @@ class Trackers:
                 tracker = tracking.TrackioTracker(cfg.tracker_project, name=run_name)
             try:
                 tracker.start()
-                tracker.store_init_configuration({k: v for k, v in cfg.flat().items() if isinstance(v, (int, float, str, bool))})
             except Exception as exc:  # a tracker's own failure (login, network) stops the run before training, in one line
-                raise CtxDistillError(f"--report-to {name}: could not start the tracker: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+                raise CtxDistillError(f"--report-to {name}: could not start the tracker: {type(exc).__name__}: "
+                                      f"{(str(exc).splitlines() or [''])[0][:200]}") from None
             self.trackers.append(tracker)
+            try:
+                tracker.store_init_configuration({k: v for k, v in cfg.flat().items() if isinstance(v, (int, float, str, bool))})
+            except Exception as exc:  # the hyper-parameters are a convenience (run.json has them): warn, go on
+                say(f"warning: --report-to {name}: the config was not stored as hyper-parameters ({type(exc).__name__})")
 
     def log(self, record: dict) -> None:
         now = time.perf_counter()
