@@ -384,3 +384,20 @@ def test_bad_launch_values_are_one_line(capsys, tmp_path):
     assert "--num-processes must be >= 1" in capsys.readouterr().err
     assert main(["train", "--accelerate-config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_failed_upload_after_training_is_a_warning_recorded_in_run_json(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(self, *args, **kwargs):
+        raise ConnectionError("no route to huggingface.co")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_network)
+    said = []
+    train(TrainConfig.create(out=str(tmp_path / "run"), **base(tiny_model_dir, corpus_file, max_steps=1, push_to_hub="someone/m")),
+          progress=False, log=said.append)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["push_to_hub"]["repo"] == "someone/m" and "no route" in run["push_to_hub"]["error"]
+    assert any(line.startswith("warning: --push-to-hub someone/m: upload failed") for line in said)
+    assert run["model_cards"] == [str(tmp_path / "run" / "model" / "README.md")]

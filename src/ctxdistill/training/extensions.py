@@ -131,15 +131,26 @@ class Extensions:
                     p.copy_(fresh[name].to(p.device))
 
     def after_save(self, summary: dict) -> None:
-        """Model cards in every saved directory (main process), then the Hub upload."""
+        """Model cards in every saved directory (main process), then the Hub upload. Collective.
+
+        An upload failure after a finished training is a warning recorded in run.json `push_to_hub`,
+        not an error: the model, its card and run.json are all written."""
+        from ..files import disk_error
         from ..model_card import corpus_info, push_to_hub, write_cards
 
-        t = self.trainer
-        if not t.rt.is_main or not summary.get("saved"):
-            return
-        write_cards(self.cfg, summary, corpus_info(self.cfg.corpus, t.documents))
-        if self.cfg.push_to_hub:
-            push_to_hub(summary["saved"]["model"], self.cfg.push_to_hub, t.say)
+        t, error = self.trainer, None
+        if t.rt.is_main and summary.get("saved"):
+            try:
+                summary["model_cards"] = write_cards(self.cfg, summary, corpus_info(self.cfg.corpus, t.documents))
+            except OSError as exc:
+                error = disk_error("the model card", exc, "the saved model is intact")
+            if error is None and self.cfg.push_to_hub:
+                try:
+                    summary["push_to_hub"] = {"repo": self.cfg.push_to_hub, "commit": push_to_hub(summary["saved"]["model"], self.cfg.push_to_hub, t.say)}
+                except CtxDistillError as exc:
+                    summary["push_to_hub"] = {"repo": self.cfg.push_to_hub, "error": str(exc)}
+                    t.say(f"warning: {exc}")
+        t.rt.raise_if_any(error, "write the model cards")
 
     def close(self) -> None:
         if self.trackers is not None:
