@@ -103,7 +103,7 @@ class TrainConfig:
     tracker_project: str = opt("ctxdistill", "wandb / trackio project name (the run is named after --out)")
     eval_every: int = opt(0, "every N optimizer steps, a fast check: chat drift KL(initial || student) on --eval-prompts held-out "
                              "prompts (and --eval-probes accuracy); logged to losses.jsonl and the trackers (0 = off)")
-    eval_prompts: int = opt(8, "held-out chat prompts of the check (the first N bundled ones, never trained on)")
+    eval_prompts: int = opt(8, "held-out chat prompts of the check: the first N of the 24 bundled ones (never trained on)")
     eval_max_new_tokens: int = opt(32, "length of the initial model's greedy replies the check scores")
     eval_probes: str = opt("", "knowledge probe JSONL scored by option log-likelihood in the check (empty = none)")
     eval_probe_limit: int = opt(32, "the first N multiple-choice probes of --eval-probes (0 = all)")
