@@ -172,13 +172,18 @@ def test_a_budget_exceeded_at_the_first_check_saves_the_initial_model(tiny_model
 
 @pytest.mark.parametrize("options, message", [
     (dict(stop_at_drift=0.1), "needs --eval-every"),
-    (dict(stop_at_drift=0.1, eval_every=3, checkpoint_every=10), "multiple of --eval-every"),
+    (dict(stop_at_drift=0.1, eval_every=3, checkpoint_every=2), "multiple of --eval-every"),
+    (dict(stop_at_drift=0.1, eval_every=3, checkpoint_every=10, keep_checkpoints=1), "keep-checkpoints >= 2"),
     (dict(stop_at_drift=0.1, eval_every=5, out=""), "needs --out"),
     (dict(eval_every=-1), "eval_every must be >= 0"),
 ])
 def test_bad_check_options_are_one_line(options, message):
     with pytest.raises(CtxDistillError, match=message):
         TrainConfig.create(**options).validate()
+
+
+def test_the_default_checkpoint_interval_suits_any_shorter_check_interval():
+    TrainConfig.create(stop_at_drift=0.15, eval_every=20).validate()  # 250 is not a multiple of 20: fine with 2 kept
 
 
 # -- model cards, --push-to-hub ------------------------------------------------------------------------------

@@ -202,9 +202,11 @@ class TrainConfig:
             raise CtxDistillError("--stop-at-drift needs --eval-every N: the drift is measured by that check")
         if self.stop_at_drift and not self.out:
             raise CtxDistillError("--stop-at-drift needs --out: the model kept is the last checkpoint under the budget")
-        if self.stop_at_drift and self.checkpoint_every % self.eval_every:
-            raise CtxDistillError(f"with --stop-at-drift, --checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every "
-                                  f"({self.eval_every}) or 0, so that every checkpoint has a measured drift")
+        if (self.stop_at_drift and self.checkpoint_every % self.eval_every
+                and (self.checkpoint_every < self.eval_every or self.keep_checkpoints < 2)):
+            raise CtxDistillError(f"with --stop-at-drift, --checkpoint-every ({self.checkpoint_every}) must be 0, a multiple of --eval-every "
+                                  f"({self.eval_every}), or larger than it with --keep-checkpoints >= 2, so that periodic checkpoints "
+                                  f"never prune the last one under the budget")
         if self.push_to_hub and (self.push_to_hub.count("/") != 1 or not all(self.push_to_hub.split("/"))):
             raise CtxDistillError(f"push_to_hub {self.push_to_hub!r}: give a repository id OWNER/NAME")
 
