@@ -170,6 +170,51 @@ def chunked_head_kl(
     return total
 
 
+def chunked_head_kl_ce(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    ce_weights: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_i kl_weights[i] · T²·KL(teacher_i ‖ student_i), Σ_i ce_weights[i] · CE(student_i, targets[i])), chunk by chunk.
+
+    The generalisation of `chunked_head_kl` for methods that take a CE, a KL or both on the same positions:
+    `student_hidden` [N, H] are final hidden states at those positions, `*_head` [V, H] LM-head weights.
+    Without a teacher the KL term is 0; without targets the CE term is 0. The student's logits are projected
+    once per chunk for both terms and recomputed in the backward pass, so at most `chunk_size` x V logits exist.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    with_kl, with_ce = teacher_hidden is not None, targets is not None
+    chunk_size = chunk_size or max(student_hidden.shape[0], 1)
+
+    def chunk_loss(h_s, h_t, t, w_kl, w_ce):
+        s_logits = h_s @ student_head.T.to(h_s.dtype)
+        kl = ce = s_logits.new_zeros((), dtype=torch.float32)
+        if with_kl:
+            t_logits = h_t @ teacher_head.T.to(h_t.dtype)
+            kl = (forward_kl_per_position(t_logits, s_logits, temperature) * w_kl).sum()
+        if with_ce:
+            ce = (F.cross_entropy(s_logits.float(), t, reduction="none") * w_ce).sum()
+        return kl, ce
+
+    n = student_hidden.shape[0]
+    kl_total = ce_total = student_hidden.new_zeros((), dtype=torch.float32)
+    for first in range(0, n, chunk_size):
+        part = slice(first, first + chunk_size)
+        args = (student_hidden[part], teacher_hidden[part].detach() if with_kl else None, targets[part] if with_ce else None,
+                kl_weights[part] if with_kl else None, ce_weights[part] if with_ce else None)
+        several = n > chunk_size and torch.is_grad_enabled()  # one chunk: nothing to save by recomputing
+        kl, ce = checkpoint(chunk_loss, *args, use_reentrant=False) if several else chunk_loss(*args)
+        kl_total, ce_total = kl_total + kl, ce_total + ce
+    return kl_total, ce_total
+
+
 def topk_tail_kl_per_position(
     teacher_topk_logprobs: torch.Tensor,
     teacher_topk_ids: torch.Tensor,

@@ -106,6 +106,7 @@ class Method:
         self.cfg = cfg
         self.config = getattr(cfg, self.name) if self.config_class is not None else None
         self.pad_id = 0  # set by prepare from the tokenizer
+        self.shapes_seen: set = set()  # (rows, length) of the batched passes run so far (run.json counts them)
 
     # -- decided from the config ------------------------------------------------------------------
 

@@ -31,8 +31,9 @@ import torch
 from ..generation.cache import GenerationCache, cache_dir
 from ..generation.sampling import GenerationStats, sample_cached, stop_token_ids
 from ..inputs.records import load_checked_records
-from ..losses import chunked_kl, forward_kl_per_position, masked_kl_loss
+from ..models import plain_lm_head
 from ..options import opt, positive_finite, require
+from .heads import head_ce_kl, last_rows, single, teacher_side
 from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
 from .rephrase import generate_for_documents, write_generations
 
@@ -245,22 +246,24 @@ class CdBase(Method):
         if isinstance(item, EntityStep):
             return self.entity_loss(student, teacher, item, device)
         context, generation = list(item.context_ids), list(item.generation_ids)
-        ids = torch.tensor([context + generation], device=device)
-        teacher_logits = teacher(input_ids=ids, logits_to_keep=len(generation), use_cache=False).logits[0, :-1]
-        student_logits = student(input_ids=torch.tensor([generation], device=device), use_cache=False).logits[0, :-1]
-        per_position = forward_kl_per_position(teacher_logits, student_logits, c.cd_temperature)
-        loss = chunked_kl(per_position, c.cd_chunk, c.cd_reduction)
-        return LossOutput(loss, len(generation) - 1, len(context) + len(generation))
+        n = len(generation) - 1  # predictions of the continuation's tokens 1..L-1
+        chunks = -(-n // c.cd_chunk) if c.cd_reduction == "chunk_sum" else n  # chunk_sum: the sum in each chunk, mean over chunks
+        weights = torch.full((n,), 1.0 / chunks, device=device)
+        kl, _ = head_ce_kl(student, teacher, single(generation, device), last_rows(len(generation), n, device), kl_weights=weights,
+                           teacher_inputs=single(context + generation, device), teacher_rows=last_rows(len(context) + len(generation), n, device),
+                           temperature=c.cd_temperature, chunk_size=self.cfg.kl_chunk_size)
+        return LossOutput(kl, n, len(context) + len(generation))
 
     def entity_loss(self, student, teacher, item: EntityStep, device) -> LossOutput:
         c = self.config
         sentence = list(item.sentence.ids)
-        key = (item.doc_id, item.sentence_index)
+        keep = torch.tensor([item.sentence.keep], device=device)
+        chunked = plain_lm_head(student)
+        key = (item.doc_id, item.sentence_index, chunked)
         if self._teacher_cache is None or self._teacher_cache[0] != key:  # computed once per sentence, as the authors
-            ids = torch.tensor([list(item.definition_ids) + sentence], device=device)
-            self._teacher_cache = (key, teacher(input_ids=ids, logits_to_keep=len(sentence), use_cache=False).logits[0])
-        teacher_logits = self._teacher_cache[1]
-        student_logits = student(input_ids=torch.tensor([sentence], device=device), use_cache=False).logits[0]
-        keep = torch.tensor(item.sentence.keep, device=device)
-        loss = masked_kl_loss(teacher_logits, student_logits, keep, c.entity_temperature)
-        return LossOutput(loss, int(keep.sum()), len(item.definition_ids) + len(sentence) if item.step == 0 else 0)
+            rows = last_rows(len(item.definition_ids) + len(sentence) + 1, len(sentence), device)[:, :-1]  # its last len(sentence) positions
+            self._teacher_cache = (key, teacher_side(teacher, single(list(item.definition_ids) + sentence, device), rows, chunked))
+        weights = torch.full((int(keep.sum()),), 1.0 / int(keep.sum()), device=device)
+        kl, _ = head_ce_kl(student, teacher, single(sentence, device), keep, kl_weights=weights, temperature=c.entity_temperature,
+                           chunk_size=self.cfg.kl_chunk_size, teacher_output=self._teacher_cache[1][keep[0]])
+        return LossOutput(kl, int(keep.sum()), len(item.definition_ids) + len(sentence) if item.step == 0 else 0)

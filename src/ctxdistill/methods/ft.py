@@ -9,9 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch
-
-from ..losses import token_cross_entropy
+from .heads import head_ce_kl, mean_per_sequence_weights, pad_multiple, packing_on, sequence_batch
 from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
 
 DOCUMENTS = "documents: one text per record (JSONL field `text`, or .txt files)"
@@ -21,6 +19,14 @@ DOCUMENTS = "documents: one text per record (JSONL field `text`, or .txt files)"
 class TokenExample:
     doc_id: str
     ids: tuple[int, ...]
+
+    @property
+    def student_tokens(self) -> int:
+        return len(self.ids) - 1
+
+    @property
+    def teacher_tokens(self) -> int:
+        return 0
 
 
 def token_windows(documents, tokenizer, max_length: int) -> PreparedCorpus:
@@ -42,14 +48,28 @@ def token_windows(documents, tokenizer, max_length: int) -> PreparedCorpus:
 class FineTune(Method):
     name = "ft"
     input_format = DOCUMENTS
+    batched = True
 
     def prepare(self, documents, ctx: PrepareContext) -> PreparedCorpus:
+        self.pad_id = ctx.pad_id
         return token_windows(documents, ctx.tokenizer, self.cfg.max_length)
 
     def plan(self, example: TokenExample, rng: random.Random) -> list:
         return [example]
 
     def loss(self, student, teacher, item: TokenExample, device) -> LossOutput:
-        ids = torch.tensor([item.ids], device=device)
-        logits = student(input_ids=ids, use_cache=False).logits
-        return LossOutput(token_cross_entropy(logits, ids), student_tokens=len(item.ids) - 1)
+        return self.batch_loss(student, teacher, [item], device)
+
+    def token_batch(self, items: list, device):
+        """One pass over `items` (packed or padded; one item is one plain row), CE weights of the mean over items."""
+        packed = packing_on(self.cfg) or len(items) == 1
+        batch = sequence_batch([(i.ids, i.ids) for i in items], self.pad_id, device, packed,
+                               pad_multiple(self.cfg, device) if len(items) > 1 else 1)
+        self.shapes_seen.add(batch.shape)
+        return batch, mean_per_sequence_weights(batch, len(items))
+
+    def batch_loss(self, student, teacher, items: list, device) -> LossOutput:
+        """Mean over items of next-token CE, in one forward pass; LM head + CE in chunks when the head is plain."""
+        batch, weights = self.token_batch(items, device)
+        _, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, weights, chunk_size=self.cfg.kl_chunk_size)
+        return LossOutput(ce, student_tokens=sum(i.student_tokens for i in items))

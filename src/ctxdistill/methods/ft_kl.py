@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..losses import ft_kl_loss
 from ..options import opt, require
 from .base import LossOutput, register
 from .ft import FineTune, TokenExample
+from .heads import head_ce_kl
 
 
 @dataclass
@@ -35,10 +33,11 @@ class FineTuneKL(FineTune):
     def needs_teacher(self) -> bool:
         return True
 
-    def loss(self, student, teacher, item: TokenExample, device) -> LossOutput:
-        ids = torch.tensor([item.ids], device=device)
-        student_logits = student(input_ids=ids, use_cache=False).logits
-        teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-        loss, ce, kl = ft_kl_loss(student_logits, teacher_logits, ids, self.config.kl_beta, self.cfg.kl_temperature)
-        n = len(item.ids)
-        return LossOutput(loss, n - 1, n, metrics={"ce": ce.item(), "kl": kl.item()})
+    def batch_loss(self, student, teacher, items: list[TokenExample], device) -> LossOutput:
+        """Mean over items of CE + β·KL(initial ‖ student) on the same positions, in one student and one teacher pass."""
+        batch, weights = self.token_batch(items, device)
+        kl, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, weights, kl_weights=weights,
+                            temperature=self.cfg.kl_temperature, chunk_size=self.cfg.kl_chunk_size)
+        student_tokens = sum(i.student_tokens for i in items)
+        return LossOutput(ce + self.config.kl_beta * kl, student_tokens, student_tokens + len(items),
+                          metrics={"ce": ce.item(), "kl": kl.item()})

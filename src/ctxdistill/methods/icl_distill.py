@@ -23,7 +23,7 @@ import torch
 from ..errors import CtxDistillError
 from ..generation.sampling import chat_ids
 from ..inputs.records import load_checked_records
-from ..losses import distill_with_ce
+from .heads import head_ce_kl, last_rows, single
 from ..options import opt, positive_finite, require
 from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
 
@@ -128,10 +128,10 @@ class IclDistill(Method):
     def loss(self, student, teacher, item: IclItem, device) -> LossOutput:
         c = self.config
         n = item.answer_len
-        keep = n + 1  # positions from the one before the answer: their logits predict the answer tokens
-        teacher_logits = teacher(input_ids=torch.tensor([item.teacher_ids], device=device), logits_to_keep=keep, use_cache=False).logits[0, :-1]
-        student_logits = student(input_ids=torch.tensor([item.student_ids], device=device), logits_to_keep=keep, use_cache=False).logits[0, :-1]
-        targets = torch.tensor(item.student_ids[-n:], device=device)
-        mask = torch.ones(n, dtype=torch.bool, device=device)
-        loss, kl, ce = distill_with_ce(teacher_logits, student_logits, mask, targets, c.icl_temperature, c.icl_ce_weight)
+        weights = torch.full((n,), 1.0 / n, device=device)  # means over the answer's n predictions
+        kl, ce = head_ce_kl(student, teacher, single(item.student_ids, device), last_rows(len(item.student_ids), n, device),
+                            torch.tensor(item.student_ids[-n:], device=device), weights, kl_weights=weights,
+                            teacher_inputs=single(item.teacher_ids, device), teacher_rows=last_rows(len(item.teacher_ids), n, device),
+                            temperature=c.icl_temperature, chunk_size=self.cfg.kl_chunk_size)
+        loss = kl + c.icl_ce_weight * ce
         return LossOutput(loss, n, len(item.teacher_ids), metrics={"kl": kl.item(), "ce": ce.item()})

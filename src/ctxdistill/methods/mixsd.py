@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..generation.cache import GenerationCache, cache_dir
 from ..generation.sampling import GenerationStats, chat_ids, cut_at_stop, left_pad, stop_token_ids, with_retries
 from ..inputs.records import load_checked_records
-from ..losses import token_cross_entropy
+from .heads import head_ce_kl, mean_per_sequence_weights, sequence_batch
 from ..errors import CtxDistillError
 from ..options import opt, require
 from ..runtime import Timer, autocast, model_device
@@ -285,8 +285,8 @@ class MixSD(Method):
         return [example]
 
     def loss(self, student, teacher, item: SftExample, device) -> LossOutput:
-        ids = torch.tensor([item.ids], device=device)
-        labels = ids.clone()
-        labels[:, : item.prompt_len] = -100
-        logits = student(input_ids=ids, use_cache=False).logits
-        return LossOutput(token_cross_entropy(logits, labels), len(item.ids) - item.prompt_len)
+        labels = [-100] * item.prompt_len + list(item.ids[item.prompt_len:])
+        batch = sequence_batch([(item.ids, labels)], self.pad_id, device, packed=True)
+        _, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, mean_per_sequence_weights(batch, 1),
+                           chunk_size=self.cfg.kl_chunk_size)
+        return LossOutput(ce, len(item.ids) - item.prompt_len)

@@ -82,6 +82,7 @@ class Rephrase(FineTune):
 
     def prepare(self, documents, ctx: PrepareContext) -> PreparedCorpus:
         c = self.config
+        self.pad_id = ctx.pad_id
         outputs, stats = generate_for_documents(ctx, documents, kind="rephrase", template=c.rephrase_prompt,
                                                 temperature=c.rephrase_temperature, max_new_tokens=c.rephrase_max_new_tokens)
         paraphrases, empty, rows = [], [], []

@@ -20,13 +20,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch
 
 from ..errors import CtxDistillError
 from ..generation.cache import GenerationCache, cache_dir
 from ..generation.sampling import GenerationStats, chat_ids, sample_cached, stop_token_ids
 from ..inputs.records import Record, load_checked_records
-from ..losses import replay_loss
+from .heads import head_ce_kl, mean_per_sequence_weights, sequence_batch
 from ..options import opt, require
 from .base import LossOutput, Method, PrepareContext, PreparedCorpus, method_class, register
 
@@ -175,13 +174,13 @@ class Replay(Method):
         if not isinstance(item, ReplayExample):
             return self.base.loss(student, teacher, item, device)
         c = self.config
-        ids = torch.tensor([item.ids], device=device)
-        labels = torch.tensor([item.labels], device=device)
-        logits = student(input_ids=ids, use_cache=False).logits
+        batch = sequence_batch([(item.ids, item.labels)], self.pad_id, device, packed=True)
+        weights = mean_per_sequence_weights(batch, 1)  # both terms are means over the labelled positions
+        kl, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets if c.replay_ce_weight else None,
+                            weights * c.replay_ce_weight, kl_weights=weights * c.replay_kl_weight if c.replay_kl_weight else None,
+                            temperature=self.cfg.kl_temperature, chunk_size=self.cfg.kl_chunk_size)
         tokens = sum(1 for t in item.labels[1:] if t != -100)
-        teacher_logits = teacher(input_ids=ids, use_cache=False).logits if c.replay_kl_weight > 0 else None
-        loss = replay_loss(logits, teacher_logits, labels, c.replay_ce_weight, c.replay_kl_weight, self.cfg.kl_temperature)
-        return LossOutput(loss, tokens, len(item.ids) if teacher_logits is not None else 0)
+        return LossOutput(ce + kl, tokens, len(item.ids) if c.replay_kl_weight else 0)
 
     def resets_optimizer(self, item) -> bool:
         return self.base.resets_optimizer(item)

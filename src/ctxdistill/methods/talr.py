@@ -33,6 +33,7 @@ class TalrConfig:
 class Talr(FineTune):
     name = "talr"
     config_class = TalrConfig
+    batched = False  # tau is a statistic of the pass's batch: packing documents would change it
 
     def loss(self, student, teacher, item: TokenExample, device) -> LossOutput:
         ids = torch.tensor([item.ids], device=device)
