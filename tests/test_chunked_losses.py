@@ -171,3 +171,21 @@ def test_icl_distill_chunked_equals_distill_with_ce(pair, monkeypatch):
         return distill_with_ce(t, s, torch.ones(9, dtype=torch.bool), torch.tensor(answer), 1.5, 0.3)[0]
 
     check(student, lambda: method.loss(student, teacher, item, "cpu").loss, reference, monkeypatch)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.7])
+def test_talr_chunked_equals_talr_loss(pair, monkeypatch, tau):
+    from ctxdistill.losses import talr_loss
+    from ctxdistill.methods import talr
+    from ctxdistill.methods.talr import Talr
+
+    student, teacher = pair
+    item = TokenExample("t", ids(35, 12))
+    method = Talr(TrainConfig.create(method="talr", talr_tau=tau, kl_chunk_size=CHUNK))
+    assert method.loss(student, teacher, item, "cpu").metrics["tau"] == pytest.approx(
+        talr_loss(logits(student, item.ids), torch.tensor([item.ids]), tau or None)[1], rel=1e-5)
+    check(student, lambda: method.loss(student, teacher, item, "cpu").loss,
+          lambda: talr_loss(logits(student, item.ids), torch.tensor([item.ids]), tau or None)[0], monkeypatch)
+    monkeypatch.setattr(talr, "plain_lm_head", lambda model: False)  # the dense path is talr_loss itself
+    assert_same(value_and_grads(student, lambda: method.loss(student, teacher, item, "cpu").loss),
+                value_and_grads(student, lambda: talr_loss(logits(student, item.ids), torch.tensor([item.ids]), tau or None)[0]))

@@ -68,7 +68,7 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = no clipping, as the authors)")
     seed: int = opt(1234, "seed for data order, split points, dropout")
     kl_chunk_size: int = opt(1024, "compute LM head + KL / CE in chunks of this many positions, for every method with a plain LM head "
-                                   "except talr (0 = all positions in one chunk); the gradient is identical and memory stays flat in length")
+                                   "(0 = all positions in one chunk); the gradient is identical and memory stays flat in length")
     kl_temperature: float = opt(1.0, "ft_kl and replay: softmax temperature of KL(initial model || student) (scaled by T^2)")
     # precision and devices
     precision: str = opt("bf16", "bf16: fp32 master weights with bf16 autocast; fp32: no autocast", ("bf16", "fp32"))

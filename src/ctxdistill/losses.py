@@ -80,6 +80,12 @@ def talr_dynamic_tau(token_logp: torch.Tensor, valid: torch.Tensor) -> float:
     return max(per_sequence.median().item(), 1e-6)
 
 
+@torch.no_grad()
+def talr_token_weights(token_logp: torch.Tensor, tau: float, floor: float = 0.01, min_prob: float = 1e-6) -> torch.Tensor:
+    """TALR's stop-gradient weights clamp(max(p, min_prob)^(1/tau), floor) from log p of each target token."""
+    return token_logp.exp().clamp_min(min_prob).pow(1.0 / tau).clamp_min(floor)
+
+
 def talr_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -97,8 +103,7 @@ def talr_loss(
     logp, valid = token_logprobs(logits, labels, ignore_index)
     if tau is None:
         tau = talr_dynamic_tau(logp.detach(), valid)
-    with torch.no_grad():
-        weights = logp.exp().clamp_min(min_prob).pow(1.0 / tau).clamp_min(floor) * valid
+    weights = talr_token_weights(logp, tau, floor, min_prob) * valid
     loss = (weights * -logp * valid).sum() / valid.sum().clamp_min(1)
     return loss, tau
 
@@ -213,6 +218,15 @@ def chunked_head_kl_ce(
         kl, ce = checkpoint(chunk_loss, *args, use_reentrant=False) if several else chunk_loss(*args)
         kl_total, ce_total = kl_total + kl, ce_total + ce
     return kl_total, ce_total
+
+
+@torch.no_grad()
+def chunked_target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(hidden @ head.T)[target] per row, fp32, `chunk_size` rows at a time; no gradient (TALR's weights)."""
+    chunk_size = chunk_size or max(hidden.shape[0], 1)
+    parts = [F.log_softmax((h @ head.T.to(h.dtype)).float(), dim=-1).gather(-1, t[:, None])[:, 0]
+             for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def topk_tail_kl_per_position(
