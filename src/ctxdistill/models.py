@@ -242,3 +242,22 @@ def plain_lm_head(model) -> bool:
             return False
     head = model.get_output_embeddings()
     return isinstance(head, torch.nn.Linear) and head.bias is None
+
+
+def choose_attention(model, device) -> str:
+    """The attention that packed passes run with, set on `model` and returned (run.json reports it).
+
+    flash-attention 2 on CUDA where the `flash_attn` package is installed (its varlen kernel reads the segment
+    boundaries from the position ids as `cu_seqlens`); otherwise the model's own implementation, normally SDPA,
+    for which transformers builds a block-diagonal causal mask from the position ids (eager gets the same mask).
+    """
+    import importlib.util
+
+    current = getattr(model.config, "_attn_implementation", None) or "eager"
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None and current != "flash_attention_2":
+        try:
+            model.set_attn_implementation("flash_attention_2")
+            return "flash_attention_2"
+        except (ValueError, ImportError, AttributeError):  # the model or the installed kernel does not support it
+            return current
+    return current

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import CtxDistillError
-from .models import final_hidden_states
+from .models import choose_attention, final_hidden_states
 
 
 class Teacher:
@@ -104,7 +104,10 @@ def build_teacher(cfg, student, device: torch.device, examples=None):
         return Teacher(student=student)
     frozen = load_model(cfg.teacher_model or cfg.model, dtype=DTYPES[cfg.teacher_dtype], trust_remote_code=cfg.trust_remote_code,
                         allow_pickle_weights=cfg.allow_pickle_weights)
-    return Teacher(model=frozen.to(device))
+    frozen = frozen.to(device)
+    if cfg.packing != "off":
+        choose_attention(frozen, device)
+    return Teacher(model=frozen)
 
 
 def vocabulary_signature(tokenizer) -> tuple[int, str]:

@@ -28,6 +28,7 @@ from ..losses import (chunked_context_kl, chunked_head_kl, context_gain_mask, co
                       forward_kl_per_position, renormalise_within_groups, topk_tail_kl_per_position)
 from ..models import final_hidden_states, plain_lm_head
 from ..options import opt, positive_finite, require
+from .heads import pad_multiple, packing_on, sequence_batch
 from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
 
 INPUT_FORMAT = "documents: one text per record (JSONL field `text`, or .txt files); each needs >= 2 sentences"
@@ -161,6 +162,21 @@ def teacher_batch(items, pad_id: int, device) -> TeacherBatch:
     return TeacherBatch(input_ids.to(device), attention.to(device), keep.to(device), torch.cat(rows).to(device))
 
 
+def packed_teacher_batch(items, pad_id: int, device, multiple: int = 1) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """`teacher_batch` padding-free: the documents as ONE row [1, total] with position ids restarting per document
+    (attention never crosses a document); (inputs, keep [1, total], rows) with `rows` as in `teacher_batch`."""
+    ends = [max(e for _, e in item.spans) for item in items]
+    batch = sequence_batch([(item.doc.token_ids[:end], [-100] * end) for item, end in zip(items, ends)], pad_id, device, True, multiple)
+    keep = torch.zeros(batch.shape, dtype=torch.bool)
+    rows, offset, start = [], 0, 0
+    for item, end in zip(items, ends):
+        unique, inverse = torch.unique(teacher_positions(item.spans), return_inverse=True)
+        keep[0, start + unique] = True
+        rows.append(inverse + offset)
+        offset, start = offset + len(unique), start + end
+    return batch.inputs, keep.to(device), torch.cat(rows).to(device)
+
+
 def position_weights(items) -> torch.Tensor:
     """Weight of each distilled position so that the weighted sum is DiSC's loss averaged over documents:
     mean over documents of (mean over split points of (mean over the split's positions))."""
@@ -236,7 +252,8 @@ class Disc(Method):
         c, kl_chunk = self.config, self.cfg.kl_chunk_size
         student_tokens, teacher_tokens = sum(i.student_tokens for i in items), sum(i.teacher_tokens for i in items)
         counts: dict[str, int] = {}
-        input_ids, attention, keep = suffixes_batch([(i.doc.token_ids, s, e) for i in items for s, e in i.spans], self.pad_id, device)
+        packed = packing_on(self.cfg) and (plain_lm_head(student) or not teacher.live)  # the dense fallback stays padded
+        student_inputs, keep = self.student_pass(items, device, packed)
         weights = position_weights(items).to(device)
         context = c.disc_positions == "context"
         if context and not teacher.live:
@@ -246,18 +263,17 @@ class Disc(Method):
             teacher_tokens += student_tokens + sum(len(i.spans) for i in items)
         if not teacher.live:  # no teacher model: its top-k distributions were cached
             cached = [teacher.cached(i.doc_id, teacher_positions(i.spans)) for i in items]
-            student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+            student_logits = student(**student_inputs, logits_to_keep=keep[0].nonzero()[:, 0] if packed else keep, use_cache=False).logits
             per_position = topk_tail_kl_per_position(torch.cat([x[0] for x in cached]).to(device), torch.cat([x[1] for x in cached]).to(device),
                                                      student_logits.reshape(len(weights), -1), c.temperature)
             return LossOutput((per_position * weights).sum(), student_tokens, 0)
 
-        batch = teacher_batch(items, self.pad_id, device)
         if plain_lm_head(student):  # hidden states, then LM head + KL in chunks: no [N, V] tensor for the batch
-            teacher_hidden = teacher.hidden_states(input_ids=batch.input_ids, attention_mask=batch.attention, use_cache=False)[batch.keep]
-            teacher_hidden = teacher_hidden[batch.rows]
-            student_hidden = final_hidden_states(student, input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
+            teacher_inputs, teacher_keep, teacher_rows = self.teacher_pass(items, device, packed)
+            teacher_hidden = teacher.hidden_states(**teacher_inputs, use_cache=False)[teacher_keep][teacher_rows]
+            student_hidden = final_hidden_states(student, **student_inputs, use_cache=False)[keep]
             if context:  # the same chunked projection, teacher with prefix vs teacher alone; only kept rows reach the KL
-                alone_hidden = teacher.hidden_states(input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
+                alone_hidden = teacher.hidden_states(**student_inputs, use_cache=False)[keep]
                 gain = chunked_context_kl(teacher_hidden, alone_hidden, teacher.head_weight, c.temperature, kl_chunk)
                 weights, counts = context_weights(items, weights, gain, c.context_kl_threshold)
                 rows = weights > 0
@@ -266,7 +282,9 @@ class Disc(Method):
                                    teacher.head_weight, weights, c.temperature, kl_chunk or len(weights))
             return LossOutput(loss, student_tokens, teacher_tokens, counts=counts)
         # dense logits: heads that are not a plain linear map (soft-capping, scaling) or sharded students
+        batch = teacher_batch(items, self.pad_id, device)
         teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention, logits_to_keep=batch.keep, use_cache=False).logits
+        input_ids, attention = student_inputs["input_ids"], student_inputs["attention_mask"]
         student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
         vocab = student_logits.shape[-1]
         teacher_logits = teacher_logits.reshape(-1, vocab)[batch.rows]
@@ -276,3 +294,26 @@ class Disc(Method):
             weights, counts = context_weights(items, weights, gain, c.context_kl_threshold)
         per_position = forward_kl_per_position(teacher_logits, student_logits.reshape(-1, vocab), c.temperature)
         return LossOutput((per_position * weights).sum(), student_tokens, teacher_tokens, counts=counts)
+
+    def student_pass(self, items, device, packed: bool) -> tuple[dict, torch.Tensor]:
+        """The student's pass over every suffix of `items`: (inputs, keep), packed padding-free (ONE row, position
+        ids restarting per suffix) or right-padded rows; `keep` marks the distilled positions in suffix order."""
+        if packed:
+            batch = sequence_batch([(i.doc.token_ids[s:e],) * 2 for i in items for s, e in i.spans], self.pad_id, device, True,
+                                   pad_multiple(self.cfg, device))
+            inputs, keep = batch.inputs, batch.rows
+        else:
+            input_ids, attention, keep = suffixes_batch([(i.doc.token_ids, s, e) for i in items for s, e in i.spans], self.pad_id, device)
+            inputs = {"input_ids": input_ids, "attention_mask": attention}
+        self.shapes_seen.add(tuple(inputs["input_ids"].shape))
+        return inputs, keep
+
+    def teacher_pass(self, items, device, packed: bool) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The teacher's pass over the documents: (inputs, keep, rows) as `packed_teacher_batch` / `teacher_batch`."""
+        if packed:
+            inputs, keep, rows = packed_teacher_batch(items, self.pad_id, device, pad_multiple(self.cfg, device))
+        else:
+            batch = teacher_batch(items, self.pad_id, device)
+            inputs, keep, rows = {"input_ids": batch.input_ids, "attention_mask": batch.attention}, batch.keep, batch.rows
+        self.shapes_seen.add(tuple(inputs["input_ids"].shape))
+        return inputs, keep, rows

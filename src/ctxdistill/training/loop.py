@@ -35,7 +35,7 @@ from ..config import TrainConfig
 from ..errors import CtxDistillError, TrainingInterrupted
 from ..files import fingerprint
 from ..methods import Method, PrepareContext, get_method
-from ..models import apply_lora, load_model, load_tokenizer
+from ..models import apply_lora, choose_attention, load_model, load_tokenizer
 from ..runtime import autocast, launched_world_size, set_threads, versions
 from ..teachers import Teacher, build_teacher
 from . import checkpoint as ckpt
@@ -75,6 +75,7 @@ def build_student(cfg: TrainConfig, device: torch.device):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = model.to(device)
+    model._ctxdistill_attention = choose_attention(model, device) if cfg.packing != "off" else model.config._attn_implementation
     if cfg.compile:  # the decoder: DiSC's chunked path calls it directly, the plain forward calls it too
         decoder = model.get_decoder()
         decoder.forward = torch.compile(decoder.forward, dynamic=True)

@@ -211,6 +211,7 @@ def save_model(model, tokenizer, out_dir: Path, merge_lora: bool, state_dict: di
 def run_summary(trainer) -> dict:
     """run.json: the resolved config, versions, devices, corpus report, counts, timings, throughput."""
     from ..runtime import versions
+    from .packing import packing_report
 
     cfg, state, prepared = trainer.cfg, trainer.state, trainer.prepared
     out = {
@@ -224,6 +225,7 @@ def run_summary(trainer) -> dict:
         "nonfinite_skipped": state.skipped,
         "timings_s": {"load": round(trainer.load_seconds, 3), "generate": round(prepared.generation.get("seconds", 0.0), 3),
                       "train": round(trainer.train_seconds, 3)} | {name: round(v, 3) for name, v in sorted(state.seconds.items())},
+        "packing": packing_report(trainer),
         "throughput": {"documents_per_s": state.counts["documents"] / max(trainer.train_seconds, 1e-9),
                        "student_tokens_per_s": state.counts["student_tokens"] / max(trainer.train_seconds, 1e-9)},
     }

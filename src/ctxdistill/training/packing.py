@@ -1,4 +1,4 @@
-"""Which of a step's items share a forward pass (moved out of loop.py; the rule is unchanged)."""
+"""Which of a step's items share a forward pass, and what run.json says about how those passes ran."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def forward_units(cfg, method, rt, group: list, slots: list[int | None]) -> list
             units.append([slot])
             used = size(slot)
     return units
+
+
+def packing_report(trainer) -> dict:
+    """run.json `packing`: whether batched passes are packed padding-free, the attention they run with, the
+    length multiple and how many distinct (rows, length) pass shapes the run's batched passes had."""
+    from ..methods.heads import pad_multiple, packing_on
+
+    cfg, method = trainer.cfg, trainer.method
+    return {"batched_loss": method.batched, "packed": method.batched and packing_on(cfg), "mode": cfg.packing,
+            "attention": getattr(trainer.unwrapped, "_ctxdistill_attention", None),
+            "pad_to_multiple": pad_multiple(cfg, trainer.rt.device), "distinct_pass_shapes": len(method.shapes_seen)}
