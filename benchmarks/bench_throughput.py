@@ -14,7 +14,13 @@ sentence-like segments of `--sentence-tokens`) fed to the real training loop in 
         --variants ft,disc_reference,disc,disc_all_sentences --docs 24 --warmup 4 --out benchmarks/results/throughput_h100.json
 
 Variants beyond the four above: `disc_all_sentences` (DiSC with `--split-strategy all_sentences`: every
-sentence but the first is a suffix), `ft_compile` and `disc_compile` (`--compile`).
+sentence but the first is a suffix), `ft_compile` and `disc_compile` (`--compile`); `ft_packed`, `ft_padded`,
+`disc_packed`, `disc_padded` (`--docs-per-step` documents per optimizer step in one pass, `--packing on` / `off`;
+the warm-up is rounded up to whole steps); `authors` and `authors_bf16`: the authors' per-document step rebuilt
+outside ctxdistill's loop (per-split backward, plain foreach AdamW; benchmarks/authors_disc.py), fp32 / bf16.
+
+    python benchmarks/bench_throughput.py --threads 1 --variants ft_padded,ft_packed --docs 16 --docs-per-step 8 \
+        --out benchmarks/results/packing_ft_cpu.json
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (SHAPES, minimal_tokenizer, parse_range, peak_memory_mb, random_model, run_child,  # noqa: E402
                     synthetic_documents, write_result)
 
-VARIANTS = ("ft", "disc_reference", "disc", "disc_cache", "disc_all_sentences", "ft_compile", "disc_compile")
+VARIANTS = ("ft", "disc_reference", "disc", "disc_cache", "disc_all_sentences", "ft_compile", "disc_compile",
+            "ft_packed", "ft_padded", "disc_packed", "disc_padded", "authors", "authors_bf16")
+BATCHED = ("ft_packed", "ft_padded", "disc_packed", "disc_padded")  # --docs-per-step documents per step, --packing on / off
 DEFAULT_VARIANTS = ("ft", "disc_reference", "disc", "disc_cache")
 
 
@@ -99,14 +107,28 @@ def child(args) -> dict:
     from ctxdistill.training import train
 
     work = Path(args.work)
+    torch.set_num_threads(args.threads) if args.threads else None
+    if args.variant in ("authors", "authors_bf16"):
+        from authors_disc import authors_child
+
+        args.authors_precision = "bf16" if args.variant == "authors_bf16" else "fp32"
+        return authors_child(args)
+    batched = args.variant in BATCHED
+    dps = args.docs_per_step if batched else 1
+    warmup_steps = -(-args.warmup // dps)
     if args.synthetic_docs:
         if args.variant == "disc_cache":
             raise SystemExit("disc_cache reads a text corpus; not available with --synthetic-docs")
         use_synthetic_documents(args)
     base = dict(model=args.model, corpus=args.corpus, lr=1e-5, epochs=args.epochs, max_steps=args.warmup + args.docs,
                 save_model=False, overwrite=True, seed=0, device=args.device, split_strategy=args.split_strategy)
-    result = {"variant": args.variant}
-    if args.variant in ("ft", "ft_compile"):
+    if batched:
+        base |= {"max_steps": warmup_steps + args.docs // dps, "docs_per_step": dps,
+                 "packing": "on" if args.variant.endswith("packed") else "off"}
+    result = {"variant": args.variant, "docs_per_step": dps}
+    if batched:
+        cfg = TrainConfig.create(method=args.variant.split("_")[0], out=str(work / args.variant), **base)
+    elif args.variant in ("ft", "ft_compile"):
         cfg = TrainConfig.create(method="ft", out=str(work / args.variant), compile=args.variant == "ft_compile", **base)
     elif args.variant == "disc_all_sentences":
         cfg = TrainConfig.create(method="disc", out=str(work / args.variant), **(base | {"split_strategy": "all_sentences"}))
@@ -138,12 +160,13 @@ def child(args) -> dict:
     result["split_strategy"] = cfg.disc.split_strategy
     result["compile"] = cfg.compile
     steps = [json.loads(line) for line in (Path(cfg.out) / "losses.jsonl").read_text().splitlines()]
-    timed = steps[args.warmup :]
-    seconds = timed[-1]["elapsed_s"] - steps[args.warmup - 1]["elapsed_s"] if args.warmup else timed[-1]["elapsed_s"]
+    timed = steps[warmup_steps:]
+    seconds = timed[-1]["elapsed_s"] - steps[warmup_steps - 1]["elapsed_s"] if warmup_steps else timed[-1]["elapsed_s"]
     tokens = sum(s["tokens"] for s in timed)
-    result |= {"steps_timed": len(timed), "seconds": round(seconds, 3), "documents_per_s": len(timed) / seconds,
-               "step_s_median": sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps[args.warmup - 1 :], timed))[len(timed) // 2]
-               if args.warmup else None,
+    documents = sum(len(s["documents"]) for s in timed)
+    result |= {"steps_timed": len(timed), "documents_timed": documents, "seconds": round(seconds, 3), "documents_per_s": documents / seconds,
+               "step_s_median": sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps[warmup_steps - 1 :], timed))[len(timed) // 2]
+               if warmup_steps else None, "packing": summary.get("packing"),
                "student_tokens_per_s": tokens / seconds, "student_tokens": tokens,
                "teacher_tokens_per_s": summary["counts"]["teacher_tokens"] * len(timed) / len(steps) / seconds,
                "peak_memory_mb": round(peak_memory_mb(device), 1), "memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS"}
@@ -276,6 +299,8 @@ def main() -> None:
                                               "profiling slows the steps, so time without it")
     parser.add_argument("--sdpa-backends", help="only these attention kernels, e.g. flash_attention,efficient_attention,math "
                                                 "(torch.nn.attention.SDPBackend names); default: PyTorch's choice")
+    parser.add_argument("--docs-per-step", type=int, default=8, help="documents per optimizer step of the *_packed / *_padded variants")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per variant (0 = torch's default)")
     parser.add_argument("--work")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
@@ -284,7 +309,8 @@ def main() -> None:
         return
 
     settings = {"model": args.random_init or args.model, "docs": args.docs, "warmup": args.warmup, "precision": "bf16 autocast, fp32 master weights",
-                "teacher_dtype": "bf16", "optimizer": "AdamW fused", "split_strategy": args.split_strategy, "docs_per_step": 1, "k": args.k,
+                "teacher_dtype": "bf16", "optimizer": "AdamW fused", "split_strategy": args.split_strategy, "k": args.k,
+                "docs_per_step": f"1; {args.docs_per_step} for {', '.join(BATCHED)}", "torch_threads": args.threads or "default",
                 "device": args.device, "sdpa_backends": args.sdpa_backends or "PyTorch default",
                 "documents": (f"random token ids, {args.doc_tokens} tokens, sentence-like segments of {args.sentence_tokens} tokens"
                               if args.synthetic_docs else "bundled news_updates articles")}
@@ -295,10 +321,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = random_init_model(args.random_init, work / "model", args.synthetic_docs) if args.random_init else args.model
-        corpus = subset_corpus(args.docs + args.warmup, work / "corpus.jsonl")
+        corpus = subset_corpus(args.docs + max(args.warmup, args.docs_per_step), work / "corpus.jsonl")
         common = ["--model", model, "--corpus", corpus, "--docs", str(args.docs), "--warmup", str(args.warmup), "--epochs", "1",
                   "--k", str(args.k), "--device", args.device, "--work", str(work), "--split-strategy", args.split_strategy,
-                  "--doc-tokens", args.doc_tokens, "--sentence-tokens", args.sentence_tokens] + (["--synthetic-docs"] if args.synthetic_docs else []) \
+                  "--doc-tokens", args.doc_tokens, "--sentence-tokens", args.sentence_tokens,
+                  "--docs-per-step", str(args.docs_per_step), "--threads", str(args.threads)] + (["--synthetic-docs"] if args.synthetic_docs else []) \
             + (["--sdpa-backends", args.sdpa_backends] if args.sdpa_backends else [])
         results = {}
         for v in args.variants.split(","):  # the JSON is rewritten after each variant, so a cut-off run keeps what it measured
@@ -327,6 +354,13 @@ def compute_ratios(results: dict) -> dict:
                 ratios[f"{v}_vs_ft_student_tokens_per_s"] = ok[v]["student_tokens_per_s"] / ok["ft"]["student_tokens_per_s"]
         # FT's model FLOP rate in training, optimizer step included: 6 * parameters * trained tokens per second
         ratios["ft_training_tflops"] = 6 * ok["ft"]["parameters"] * ok["ft"]["student_tokens_per_s"] / 1e12
+    for name in ("ft", "disc"):
+        if f"{name}_packed" in ok and f"{name}_padded" in ok:
+            ratios[f"{name}_packed_vs_padded_documents_per_s"] = ok[f"{name}_packed"]["documents_per_s"] / ok[f"{name}_padded"]["documents_per_s"]
+    for reference in ("authors", "authors_bf16"):
+        for v in ("disc", "disc_packed", "disc_padded", "disc_reference"):
+            if v in ok and reference in ok:
+                ratios[f"{v}_vs_{reference}_documents_per_s"] = ok[v]["documents_per_s"] / ok[reference]["documents_per_s"]
     for plain, compiled in (("ft", "ft_compile"), ("disc", "disc_compile")):
         if plain in ok and compiled in ok:
             ratios[f"{compiled}_vs_{plain}_documents_per_s"] = ok[compiled]["documents_per_s"] / ok[plain]["documents_per_s"]

@@ -189,3 +189,69 @@ def test_talr_chunked_equals_talr_loss(pair, monkeypatch, tau):
     monkeypatch.setattr(talr, "plain_lm_head", lambda model: False)  # the dense path is talr_loss itself
     assert_same(value_and_grads(student, lambda: method.loss(student, teacher, item, "cpu").loss),
                 value_and_grads(student, lambda: talr_loss(logits(student, item.ids), torch.tensor([item.ids]), tau or None)[0]))
+
+
+def test_kernels_liger_is_refused_with_one_line_where_it_cannot_run():
+    import importlib.util
+
+    from ctxdistill.errors import CtxDistillError
+
+    if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("Liger can run here")
+    with pytest.raises(CtxDistillError, match="--kernels liger needs"):
+        TrainConfig.create(kernels="liger").validate()
+    with pytest.raises(CtxDistillError, match="--kernels liger needs"):
+        TrainConfig.create(kernels="liger", device="cpu").validate()
+
+
+def _liger_available() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+liger_only = pytest.mark.skipif(not _liger_available(), reason="Liger's kernels need CUDA and liger-kernel (benchmarks/gpu_suite.sh runs these)")
+
+
+@liger_only
+def test_liger_head_kl_ce_equals_the_chunked_reference_with_per_position_weights():
+    from ctxdistill.kernels import liger_head_kl_ce
+
+    torch.manual_seed(0)
+    n, hidden, vocab = 300, 64, 1000
+    h_s = torch.randn(n, hidden, device="cuda", requires_grad=True)
+    h_t = torch.randn(n, hidden, device="cuda")
+    head_s = torch.randn(vocab, hidden, device="cuda", requires_grad=True)
+    head_t = torch.randn(vocab, hidden, device="cuda")
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    groups = torch.randint(0, 7, (n,), device="cuda")  # weights constant per group, as DiSC's per split point
+    w_kl, w_ce = (torch.rand(7, device="cuda")[groups] for _ in range(2))
+    results = []
+    for fn in (chunked_head_kl_ce, liger_head_kl_ce):
+        kl, ce = fn(h_s, head_s, targets, w_ce, h_t, head_t, w_kl, 2.0, 64)
+        results.append((kl.detach(), ce.detach(), *torch.autograd.grad(kl + ce, (h_s, head_s))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@liger_only
+def test_disc_and_ft_kl_with_liger_equal_the_chunked_path_on_cuda(tokenizer):
+    from conftest import NEWS as docs
+    import random
+
+    from ctxdistill.inputs.segment import choose_spans, segment_document
+    from ctxdistill.methods.disc import Disc, DiscItem
+
+    student = tiny_llama(len(tokenizer)).cuda()
+    teacher = Teacher(model=copy.deepcopy(student).requires_grad_(False))
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    segmented = [segment_document(f"d{i}", text, tokenizer)[0] for i, text in enumerate(docs)]
+    items = [DiscItem(d, tuple(choose_spans(d, "sentence_boundary", random.Random(i), num_splits=3))) for i, d in enumerate(segmented)]
+    run = lambda kernels: value_and_grads(student, lambda: Disc(TrainConfig.create(kernels=kernels)).batch_loss(student, teacher, items, "cuda").loss)
+    assert_same(run("liger"), run("torch"))
+    item = TokenExample("d", tuple(segmented[0].token_ids))
+    run = lambda kernels: value_and_grads(student, lambda: FineTuneKL(TrainConfig.create(method="ft_kl", kernels=kernels)).loss(
+        student, teacher, item, "cuda").loss)
+    assert_same(run("liger"), run("torch"))

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import CtxDistillError
+from .kernels import KERNELS, check_kernels
 from .methods import REGISTRY
 from .methods.cd_base import CdBaseConfig
 from .methods.disc import DiscConfig
@@ -69,6 +70,8 @@ class TrainConfig:
     seed: int = opt(1234, "seed for data order, split points, dropout")
     kl_chunk_size: int = opt(1024, "compute LM head + KL / CE in chunks of this many positions, for every method with a plain LM head "
                                    "(0 = all positions in one chunk); the gradient is identical and memory stays flat in length")
+    kernels: str = opt("torch", "LM head + loss kernels: torch = the chunked PyTorch path (the reference); liger = Liger's fused linear "
+                                "CE / forward KL (CUDA only; pip install 'ctxdistill[liger]')", KERNELS)
     kl_temperature: float = opt(1.0, "ft_kl and replay: softmax temperature of KL(initial model || student) (scaled by T^2)")
     # precision and devices
     precision: str = opt("bf16", "bf16: fp32 master weights with bf16 autocast; fp32: no autocast", ("bf16", "fp32"))
@@ -234,6 +237,7 @@ class TrainConfig:
         require(self, ("gen_top_p",), lambda v: 0 < v <= 1, "in (0, 1]")
         require(self, ("lora_dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
         self.check_ecosystem_options()
+        check_kernels(self.kernels, self.device)
         if self.max_length < 2:
             raise CtxDistillError(f"max_length must be >= 2 (a sequence needs a token to predict from and one to predict), got {self.max_length}")
         for name in self.sections():

@@ -251,7 +251,7 @@ class CdBase(Method):
         weights = torch.full((n,), 1.0 / chunks, device=device)
         kl, _ = head_ce_kl(student, teacher, single(generation, device), last_rows(len(generation), n, device), kl_weights=weights,
                            teacher_inputs=single(context + generation, device), teacher_rows=last_rows(len(context) + len(generation), n, device),
-                           temperature=c.cd_temperature, chunk_size=self.cfg.kl_chunk_size)
+                           temperature=c.cd_temperature, chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         return LossOutput(kl, n, len(context) + len(generation))
 
     def entity_loss(self, student, teacher, item: EntityStep, device) -> LossOutput:
@@ -265,5 +265,5 @@ class CdBase(Method):
             self._teacher_cache = (key, teacher_side(teacher, single(list(item.definition_ids) + sentence, device), rows, chunked))
         weights = torch.full((int(keep.sum()),), 1.0 / int(keep.sum()), device=device)
         kl, _ = head_ce_kl(student, teacher, single(sentence, device), keep, kl_weights=weights, temperature=c.entity_temperature,
-                           chunk_size=self.cfg.kl_chunk_size, teacher_output=self._teacher_cache[1][keep[0]])
+                           chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels, teacher_output=self._teacher_cache[1][keep[0]])
         return LossOutput(kl, int(keep.sum()), len(item.definition_ids) + len(sentence) if item.step == 0 else 0)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CtxDistillError
+from ..kernels import head_kl_ce
 from ..inputs.segment import SPLIT_STRATEGIES, SegmentedDoc, choose_spans, segment_document
 from ..losses import (chunked_context_kl, chunked_head_kl, context_gain_mask, context_kl_per_position, disc_loss,
                       forward_kl_per_position, renormalise_within_groups, topk_tail_kl_per_position)
@@ -278,8 +279,12 @@ class Disc(Method):
                 weights, counts = context_weights(items, weights, gain, c.context_kl_threshold)
                 rows = weights > 0
                 student_hidden, teacher_hidden, weights = student_hidden[rows], teacher_hidden[rows], weights[rows]
-            loss = chunked_head_kl(student_hidden, teacher_hidden, student.get_output_embeddings().weight,
-                                   teacher.head_weight, weights, c.temperature, kl_chunk or len(weights))
+            if self.cfg.kernels == "liger":  # Liger's fused linear forward KL, one call per split point (weights are per split)
+                loss, _ = head_kl_ce("liger", student_hidden, student.get_output_embeddings().weight, teacher_hidden=teacher_hidden,
+                                     teacher_head=teacher.head_weight, kl_weights=weights, temperature=c.temperature)
+            else:
+                loss = chunked_head_kl(student_hidden, teacher_hidden, student.get_output_embeddings().weight,
+                                       teacher.head_weight, weights, c.temperature, kl_chunk or len(weights))
             return LossOutput(loss, student_tokens, teacher_tokens, counts=counts)
         # dense logits: heads that are not a plain linear map (soft-capping, scaling) or sharded students
         batch = teacher_batch(items, self.pad_id, device)

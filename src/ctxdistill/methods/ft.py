@@ -71,5 +71,5 @@ class FineTune(Method):
     def batch_loss(self, student, teacher, items: list, device) -> LossOutput:
         """Mean over items of next-token CE, in one forward pass; LM head + CE in chunks when the head is plain."""
         batch, weights = self.token_batch(items, device)
-        _, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, weights, chunk_size=self.cfg.kl_chunk_size)
+        _, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, weights, chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         return LossOutput(ce, student_tokens=sum(i.student_tokens for i in items))

@@ -37,7 +37,7 @@ class FineTuneKL(FineTune):
         """Mean over items of CE + β·KL(initial ‖ student) on the same positions, in one student and one teacher pass."""
         batch, weights = self.token_batch(items, device)
         kl, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, weights, kl_weights=weights,
-                            temperature=self.cfg.kl_temperature, chunk_size=self.cfg.kl_chunk_size)
+                            temperature=self.cfg.kl_temperature, chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         student_tokens = sum(i.student_tokens for i in items)
         return LossOutput(ce + self.config.kl_beta * kl, student_tokens, student_tokens + len(items),
                           metrics={"ce": ce.item(), "kl": kl.item()})

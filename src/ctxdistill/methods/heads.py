@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..losses import chunked_head_kl_ce, forward_kl_per_position
+from ..kernels import head_kl_ce
+from ..losses import forward_kl_per_position
 from ..models import final_hidden_states, plain_lm_head
 
 PACKING_MODES = ("auto", "on", "off")
@@ -93,11 +94,12 @@ def mean_per_sequence_weights(batch: SequenceBatch, num_sequences: int, scale: f
 
 def head_ce_kl(student, teacher, student_inputs: dict, student_rows: torch.Tensor, targets=None, ce_weights=None,
                teacher_inputs: dict | None = None, teacher_rows: torch.Tensor | None = None, kl_weights=None,
-               temperature: float = 1.0, chunk_size: int = 1024, teacher_output: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               temperature: float = 1.0, chunk_size: int = 1024, teacher_output: torch.Tensor | None = None,
+               kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted KL sum, weighted CE sum) over the selected rows of one student pass (and one teacher pass).
 
-    With a plain LM head: final hidden states, then LM head + CE/KL in chunks (`chunked_head_kl_ce`), no [N, V]
-    tensor. Otherwise the model's own logits at those rows (the dense reference, same weighted sums).
+    With a plain LM head: final hidden states, then LM head + CE/KL in chunks (`chunked_head_kl_ce`, or Liger's fused
+    kernels with `kernels="liger"`), no [N, V] tensor. Otherwise the model's own logits at those rows (the dense reference, same weighted sums).
     The teacher's rows (`teacher_rows`, default the student's) are aligned with the student's row by row;
     `teacher_output` is the teacher's side already computed at those rows (`teacher_side`), e.g. kept over steps.
     """
@@ -107,7 +109,7 @@ def head_ce_kl(student, teacher, student_inputs: dict, student_rows: torch.Tenso
     if plain_lm_head(student):
         student_hidden = final_hidden_states(student, **student_inputs, use_cache=False)[student_rows]
         teacher_hidden = teacher_output if teacher_output is not None or not with_kl else teacher_side(teacher, teacher_inputs, teacher_rows, True)
-        return chunked_head_kl_ce(student_hidden, student.get_output_embeddings().weight, targets, ce_weights, teacher_hidden,
+        return head_kl_ce(kernels, student_hidden, student.get_output_embeddings().weight, targets, ce_weights, teacher_hidden,
                                   teacher.head_weight if with_kl else None, kl_weights, temperature, chunk_size)
     student_logits = student(**student_inputs, use_cache=False).logits[student_rows]
     kl = ce = student_logits.new_zeros((), dtype=torch.float32)

@@ -132,6 +132,6 @@ class IclDistill(Method):
         kl, ce = head_ce_kl(student, teacher, single(item.student_ids, device), last_rows(len(item.student_ids), n, device),
                             torch.tensor(item.student_ids[-n:], device=device), weights, kl_weights=weights,
                             teacher_inputs=single(item.teacher_ids, device), teacher_rows=last_rows(len(item.teacher_ids), n, device),
-                            temperature=c.icl_temperature, chunk_size=self.cfg.kl_chunk_size)
+                            temperature=c.icl_temperature, chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         loss = kl + c.icl_ce_weight * ce
         return LossOutput(loss, n, len(item.teacher_ids), metrics={"kl": kl.item(), "ce": ce.item()})

@@ -288,5 +288,5 @@ class MixSD(Method):
         labels = [-100] * item.prompt_len + list(item.ids[item.prompt_len:])
         batch = sequence_batch([(item.ids, labels)], self.pad_id, device, packed=True)
         _, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, mean_per_sequence_weights(batch, 1),
-                           chunk_size=self.cfg.kl_chunk_size)
+                           chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         return LossOutput(ce, len(item.ids) - item.prompt_len)

@@ -178,7 +178,7 @@ class Replay(Method):
         weights = mean_per_sequence_weights(batch, 1)  # both terms are means over the labelled positions
         kl, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets if c.replay_ce_weight else None,
                             weights * c.replay_ce_weight, kl_weights=weights * c.replay_kl_weight if c.replay_kl_weight else None,
-                            temperature=self.cfg.kl_temperature, chunk_size=self.cfg.kl_chunk_size)
+                            temperature=self.cfg.kl_temperature, chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         tokens = sum(1 for t in item.labels[1:] if t != -100)
         return LossOutput(ce + kl, tokens, len(item.ids) if c.replay_kl_weight else 0)
 
