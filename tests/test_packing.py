@@ -115,10 +115,20 @@ def test_disc_packed_equals_padded(tiny_model, tokenizer, disc_positions):
 def test_ft_training_with_packed_documents_equals_one_document_per_pass(tiny_model_dir, corpus_file, tmp_path):
     common = dict(method="ft", model=str(tiny_model_dir), corpus=str(corpus_file), lr=1e-3, epochs=1, docs_per_step=2, seed=0,
                   precision="fp32", save_model=False)
-    packed = train(TrainConfig.create(**common, out=str(tmp_path / "packed"), pad_to_multiple=8), progress=False)
+    packed = train(TrainConfig.create(**common, out=str(tmp_path / "packed"), packing="on", pad_to_multiple=8), progress=False)
     single = train(TrainConfig.create(**common, out=str(tmp_path / "single"), batch_tokens=0), progress=False)
     for a, b in zip(packed.model.parameters(), single.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     run = json.loads((tmp_path / "packed" / "run.json").read_text())
     assert run["packing"]["packed"] and run["packing"]["attention"] in ("sdpa", "eager", "flash_attention_2", "flex_attention")
     assert run["packing"]["distinct_pass_shapes"] == 1 and run["packing"]["pad_to_multiple"] == 8
+
+
+def test_packing_auto_packs_with_varlen_attention_only():
+    from ctxdistill.methods.heads import packing_on
+
+    model = tiny_llama(VOCAB)
+    assert model.config._attn_implementation == "sdpa"
+    assert not packing_on(TrainConfig.create(), model) and packing_on(TrainConfig.create(packing="on"), model)
+    model._ctxdistill_attention = "flash_attention_2"  # what models.choose_attention sets on CUDA with flash-attn installed
+    assert packing_on(TrainConfig.create(), model) and not packing_on(TrainConfig.create(packing="off"), model)

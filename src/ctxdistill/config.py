@@ -58,8 +58,10 @@ class TrainConfig:
     docs_per_step: int = opt(1, "documents averaged into one optimizer step")
     batch_tokens: int = opt(4096, "with docs_per_step > 1, pack up to this many tokens of several items into one forward pass of a "
                                   "method with a batched loss (DiSC, FT, FT+KL); 0 = one item per pass; the loss is unchanged")
-    packing: str = opt("auto", "batched passes as ONE padding-free packed sequence (per-sequence position ids, attention that never "
-                               "crosses a sequence) or right-padded rows; auto = packed where tested equal (DiSC, FT, FT+KL)", ("auto", "on", "off"))
+    packing: str = opt("auto", "batched passes (DiSC, FT, FT+KL) as ONE padding-free packed sequence (per-sequence position ids, "
+                               "attention that never crosses a sequence) or right-padded rows, equal losses either way; auto = packed "
+                               "with flash-attention (varlen), padded with SDPA/eager (their masked attention is quadratic in the packed length)",
+                       ("auto", "on", "off"))
     pad_to_multiple: int = opt(0, "round batched pass lengths up to a multiple of this, bounding the distinct shapes a run sees "
                                   "(0 = 64 on CUDA, 1 elsewhere)")
     weight_decay: float = opt(0.01, "AdamW weight decay")

@@ -60,9 +60,9 @@ class FineTune(Method):
     def loss(self, student, teacher, item: TokenExample, device) -> LossOutput:
         return self.batch_loss(student, teacher, [item], device)
 
-    def token_batch(self, items: list, device):
+    def token_batch(self, student, items: list, device):
         """One pass over `items` (packed or padded; one item is one plain row), CE weights of the mean over items."""
-        packed = packing_on(self.cfg) or len(items) == 1
+        packed = packing_on(self.cfg, student) or len(items) == 1
         batch = sequence_batch([(i.ids, i.ids) for i in items], self.pad_id, device, packed,
                                pad_multiple(self.cfg, device) if len(items) > 1 else 1)
         self.shapes_seen.add(batch.shape)
@@ -70,6 +70,6 @@ class FineTune(Method):
 
     def batch_loss(self, student, teacher, items: list, device) -> LossOutput:
         """Mean over items of next-token CE, in one forward pass; LM head + CE in chunks when the head is plain."""
-        batch, weights = self.token_batch(items, device)
+        batch, weights = self.token_batch(student, items, device)
         _, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, weights, chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         return LossOutput(ce, student_tokens=sum(i.student_tokens for i in items))

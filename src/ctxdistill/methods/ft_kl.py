@@ -35,7 +35,7 @@ class FineTuneKL(FineTune):
 
     def batch_loss(self, student, teacher, items: list[TokenExample], device) -> LossOutput:
         """Mean over items of CE + β·KL(initial ‖ student) on the same positions, in one student and one teacher pass."""
-        batch, weights = self.token_batch(items, device)
+        batch, weights = self.token_batch(student, items, device)
         kl, ce = head_ce_kl(student, teacher, batch.inputs, batch.rows, batch.targets, weights, kl_weights=weights,
                             temperature=self.cfg.kl_temperature, chunk_size=self.cfg.kl_chunk_size, kernels=self.cfg.kernels)
         student_tokens = sum(i.student_tokens for i in items)

@@ -139,7 +139,18 @@ def last_rows(length: int, count: int, device) -> torch.Tensor:
     return rows
 
 
-def packing_on(cfg) -> bool:
-    """Whether batched passes are packed: `--packing on`, or `auto` (packed where a test proves it equal: every
-    method that packs does)."""
-    return cfg.packing != "off"
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # kernels that read segment boundaries, never computing across them
+
+
+def attention_of(model) -> str:
+    return getattr(model, "_ctxdistill_attention", None) or getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def packing_on(cfg, model) -> bool:
+    """Whether batched passes are packed: `--packing on` / `off`, or `auto`: packed where the attention is a varlen
+    kernel (flash-attention). SDPA and eager apply the block-diagonal mask to the whole [total, total] score matrix,
+    so a packed row costs attention quadratic in the total length: measured on CPU, packed FT at 8 documents per
+    pass ran at 0.54x the padded documents/s (docs/performance.md), so `auto` pads there. Both are tested equal."""
+    if cfg.packing != "auto":
+        return cfg.packing == "on"
+    return attention_of(model) in VARLEN_ATTENTION
