@@ -215,3 +215,35 @@ def merge_step_logs(parts: list[dict]) -> tuple[dict, dict]:
         for name, n in part["counts"].items():
             counts[name] = counts.get(name, 0) + n
     return metrics, counts
+
+
+def shard_teacher(cfg, rt: Runtime, teacher):
+    """FSDP2: the frozen full-FT teacher sharded like the student (one unit per decoder layer, `_no_split_modules`,
+    and the root), all-gathered one layer at a time in its forward and resharded after, so it costs its bytes / world
+    per process instead of all of them. Returned unchanged when it cannot or need not be sharded: not FSDP2, a LoRA
+    student's adapter-off teacher (already the sharded student), a teacher cache, or CD-base entity mode (its teacher
+    cache per sentence would make processes run different numbers of teacher forwards, and sharded forwards are
+    collective). Under DeepSpeed ZeRO-3 the teacher stays replicated (docs/distributed.md)."""
+    from ..teachers import Teacher
+
+    plugin = getattr(rt.accelerator.state, "fsdp_plugin", None) if rt.accelerator is not None else None
+    if (rt.mode != "fsdp" or getattr(plugin, "fsdp_version", 1) != 2 or not isinstance(teacher, Teacher) or teacher.model is None
+            or (cfg.uses("cd_base") and cfg.cd_base.cd_mode == "entity")):
+        return teacher
+    return Teacher(model=fully_shard_frozen(teacher.model))
+
+
+def fully_shard_frozen(model):
+    """FSDP2 `fully_shard` on every decoder layer and on the root of a frozen model; marks it sharded (forward only
+    through the wrapper: the chunked LM-head paths are off)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..models import mark_sharded
+
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    mark_sharded(model)
+    return model

@@ -182,7 +182,7 @@ class Trainer:
             self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)
             if isinstance(teacher, Teacher) and teacher.student is not None:
                 teacher = Teacher(student=student)  # the adapter-disabled pass goes through the sharding wrapper
-            # a full-FT teacher stays a replicated frozen copy in teacher_dtype (see docs/distributed.md)
+            teacher = dist.shard_teacher(cfg, rt, teacher)  # FSDP2: a full-FT teacher is sharded too (docs/distributed.md)
         self.student, self.optimizer, self.teacher = student, optimizer, teacher
         self.params = list(student.parameters())
         if resumed is not None:
