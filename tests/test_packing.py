@@ -124,11 +124,12 @@ def test_ft_training_with_packed_documents_equals_one_document_per_pass(tiny_mod
     assert run["packing"]["distinct_pass_shapes"] == 1 and run["packing"]["pad_to_multiple"] == 8
 
 
-def test_packing_auto_packs_with_varlen_attention_only():
+def test_packing_auto_packs_with_varlen_attention_and_for_disc():
     from ctxdistill.methods.heads import packing_on
 
     model = tiny_llama(VOCAB)
     assert model.config._attn_implementation == "sdpa"
     assert not packing_on(TrainConfig.create(), model) and packing_on(TrainConfig.create(packing="on"), model)
+    assert packing_on(TrainConfig.create(), model, faster_with_masked_attention=True)  # DiSC's passes: packed under auto
     model._ctxdistill_attention = "flash_attention_2"  # what models.choose_attention sets on CUDA with flash-attn installed
     assert packing_on(TrainConfig.create(), model) and not packing_on(TrainConfig.create(packing="off"), model)

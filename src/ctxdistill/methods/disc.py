@@ -253,7 +253,7 @@ class Disc(Method):
         c, kl_chunk = self.config, self.cfg.kl_chunk_size
         student_tokens, teacher_tokens = sum(i.student_tokens for i in items), sum(i.teacher_tokens for i in items)
         counts: dict[str, int] = {}
-        packed = packing_on(self.cfg, student) and (plain_lm_head(student) or not teacher.live)  # the dense fallback stays padded
+        packed = packing_on(self.cfg, student, faster_with_masked_attention=True) and (plain_lm_head(student) or not teacher.live)  # the dense fallback stays padded
         student_inputs, keep = self.student_pass(items, device, packed)
         weights = position_weights(items).to(device)
         context = c.disc_positions == "context"

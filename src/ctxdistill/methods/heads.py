@@ -146,11 +146,13 @@ def attention_of(model) -> str:
     return getattr(model, "_ctxdistill_attention", None) or getattr(model.config, "_attn_implementation", None) or "eager"
 
 
-def packing_on(cfg, model) -> bool:
+def packing_on(cfg, model, faster_with_masked_attention: bool = False) -> bool:
     """Whether batched passes are packed: `--packing on` / `off`, or `auto`: packed where the attention is a varlen
-    kernel (flash-attention). SDPA and eager apply the block-diagonal mask to the whole [total, total] score matrix,
-    so a packed row costs attention quadratic in the total length: measured on CPU, packed FT at 8 documents per
-    pass ran at 0.54x the padded documents/s (docs/performance.md), so `auto` pads there. Both are tested equal."""
+    kernel (flash-attention), and with SDPA / eager only for passes measured faster packed
+    (`faster_with_masked_attention`: DiSC's). SDPA and eager apply the block-diagonal mask to the whole
+    [total, total] score matrix, so a packed row costs attention quadratic in the total length: on CPU at 8
+    documents per step, packed FT ran at 0.54x the padded documents/s and packed DiSC (short suffixes, a
+    forward-only teacher pass) at 1.52x (docs/performance.md). Packed and padded are tested equal."""
     if cfg.packing != "auto":
         return cfg.packing == "on"
-    return attention_of(model) in VARLEN_ATTENTION
+    return faster_with_masked_attention or attention_of(model) in VARLEN_ATTENTION

@@ -32,6 +32,6 @@ def packing_report(trainer) -> dict:
     from ..methods.heads import attention_of, pad_multiple, packing_on
 
     cfg, method = trainer.cfg, trainer.method
-    return {"batched_loss": method.batched, "packed": method.batched and packing_on(cfg, trainer.unwrapped), "mode": cfg.packing,
+    return {"batched_loss": method.batched, "packed": method.batched and packing_on(cfg, trainer.unwrapped, cfg.uses("disc")), "mode": cfg.packing,
             "attention": attention_of(trainer.unwrapped),
             "pad_to_multiple": pad_multiple(cfg, trainer.rt.device), "distinct_pass_shapes": len(method.shapes_seen)}
