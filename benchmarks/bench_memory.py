@@ -84,7 +84,7 @@ def child(args, pair=None) -> dict:
             student_hidden = final_hidden_states(student, input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
             loss = ((student_hidden.float() - teacher_hidden.float()) ** 2).mean()
         else:
-            cfg = TrainConfig(kl_chunk_size=1024 if args.mode == "chunked" else 0)
+            cfg = TrainConfig(kl_chunk_size=1024 if args.mode == "chunked" else 0, packing="off")  # the baseline's padded passes
             loss = Disc(cfg).loss(student, teacher, item, device).loss
     loss.backward()
     peak = peak_memory_mb(device)
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--mode", choices=("dense", "chunked", "baseline"))
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
+    parser.add_argument("--modes", default="baseline,dense,chunked", help="which of baseline,dense,chunked to run (baseline is needed)")
     parser.add_argument("--vocabs", default="49152,262144", help="vocabulary sizes for the vocabulary sweep (at --vocab-length)")
     parser.add_argument("--vocab-length", type=int, default=2048)
     parser.add_argument("--device", default="auto")
@@ -138,17 +139,18 @@ def main() -> None:
         return row
 
     rows = []
+    modes = [m for m in ("baseline", "dense", "chunked") if m in args.modes.split(",")]
     for length in map(int, args.lengths.split(",")):
-        for mode in ("baseline", "dense", "chunked"):
+        for mode in modes:
             rows.append(case(length, args.vocab, mode))
     vocab_rows = []
     for vocab in (int(v) for v in args.vocabs.split(",") if v):
-        for mode in ("baseline", "dense", "chunked"):
+        for mode in modes:
             vocab_rows.append(case(args.vocab_length, vocab, mode))
 
     def logits_memory(table, key):
         by = {(r[key], r["mode"]): r["step_mb"] for r in table}
-        return {f"{value}": {mode: round(by[(value, mode)] - by[(value, "baseline")], 1) for mode in ("dense", "chunked")}
+        return {f"{value}": {mode: round(by[(value, mode)] - by[(value, "baseline")], 1) for mode in modes if mode != "baseline"}
                 for value in sorted({r[key] for r in table})}
 
     by_length = logits_memory(rows, "length")

@@ -130,6 +130,6 @@ def test_packing_auto_packs_with_varlen_attention_and_for_disc():
     model = tiny_llama(VOCAB)
     assert model.config._attn_implementation == "sdpa"
     assert not packing_on(TrainConfig.create(), model) and packing_on(TrainConfig.create(packing="on"), model)
-    assert packing_on(TrainConfig.create(), model, faster_with_masked_attention=True)  # DiSC's passes: packed under auto
+    assert packing_on(TrainConfig.create(), model, 2048) and not packing_on(TrainConfig.create(), model, 2049)  # DiSC's passes
     model._ctxdistill_attention = "flash_attention_2"  # what models.choose_attention sets on CUDA with flash-attn installed
     assert packing_on(TrainConfig.create(), model) and not packing_on(TrainConfig.create(packing="off"), model)

@@ -253,7 +253,8 @@ class Disc(Method):
         c, kl_chunk = self.config, self.cfg.kl_chunk_size
         student_tokens, teacher_tokens = sum(i.student_tokens for i in items), sum(i.teacher_tokens for i in items)
         counts: dict[str, int] = {}
-        packed = packing_on(self.cfg, student, faster_with_masked_attention=True) and (plain_lm_head(student) or not teacher.live)  # the dense fallback stays padded
+        packable = plain_lm_head(student) or not teacher.live  # the dense fallback stays padded
+        packed = packable and packing_on(self.cfg, student, sum(e - s for i in items for s, e in i.spans))
         student_inputs, keep = self.student_pass(items, device, packed)
         weights = position_weights(items).to(device)
         context = c.disc_positions == "context"
@@ -270,7 +271,8 @@ class Disc(Method):
             return LossOutput((per_position * weights).sum(), student_tokens, 0)
 
         if plain_lm_head(student):  # hidden states, then LM head + KL in chunks: no [N, V] tensor for the batch
-            teacher_inputs, teacher_keep, teacher_rows = self.teacher_pass(items, device, packed)
+            teacher_packed = packing_on(self.cfg, student, sum(i.teacher_tokens for i in items))
+            teacher_inputs, teacher_keep, teacher_rows = self.teacher_pass(items, device, teacher_packed)
             teacher_hidden = teacher.hidden_states(**teacher_inputs, use_cache=False)[teacher_keep][teacher_rows]
             student_hidden = final_hidden_states(student, **student_inputs, use_cache=False)[keep]
             if context:  # the same chunked projection, teacher with prefix vs teacher alone; only kept rows reach the KL

@@ -146,13 +146,20 @@ def attention_of(model) -> str:
     return getattr(model, "_ctxdistill_attention", None) or getattr(model.config, "_attn_implementation", None) or "eager"
 
 
-def packing_on(cfg, model, faster_with_masked_attention: bool = False) -> bool:
-    """Whether batched passes are packed: `--packing on` / `off`, or `auto`: packed where the attention is a varlen
-    kernel (flash-attention), and with SDPA / eager only for passes measured faster packed
-    (`faster_with_masked_attention`: DiSC's). SDPA and eager apply the block-diagonal mask to the whole
-    [total, total] score matrix, so a packed row costs attention quadratic in the total length: on CPU at 8
-    documents per step, packed FT ran at 0.54x the padded documents/s and packed DiSC (short suffixes, a
-    forward-only teacher pass) at 1.52x (docs/performance.md). Packed and padded are tested equal."""
+MASKED_PACK_MAX_TOKENS = 2048  # the longest packed row `auto` builds for DiSC with SDPA / eager (the measured regime)
+
+
+def packing_on(cfg, model, packed_tokens: int | None = None) -> bool:
+    """Whether a batched pass is packed: `--packing on` / `off`, or `auto`: packed where the attention is a varlen
+    kernel (flash-attention); with SDPA / eager only for a pass whose packed row would hold at most
+    MASKED_PACK_MAX_TOKENS tokens (`packed_tokens`, given by DiSC's passes). SDPA and eager apply the
+    block-diagonal mask to the whole [total, total] score matrix, so a packed row costs attention quadratic in
+    its length: on CPU at 8 documents per step, packed FT (~2,000-token rows, backward through the mask) ran at
+    0.54x the padded documents/s, packed DiSC (suffix rows of ~1,000 tokens, a forward-only teacher row of
+    ~2,000) at 1.52x (docs/performance.md); a long document's many short suffixes stay padded. Packed and padded
+    are tested equal."""
     if cfg.packing != "auto":
         return cfg.packing == "on"
-    return faster_with_masked_attention or attention_of(model) in VARLEN_ATTENTION
+    if attention_of(model) in VARLEN_ATTENTION:
+        return True
+    return packed_tokens is not None and packed_tokens <= MASKED_PACK_MAX_TOKENS

@@ -29,9 +29,12 @@ def forward_units(cfg, method, rt, group: list, slots: list[int | None]) -> list
 def packing_report(trainer) -> dict:
     """run.json `packing`: whether batched passes are packed padding-free, the attention they run with, the
     length multiple and how many distinct (rows, length) pass shapes the run's batched passes had."""
-    from ..methods.heads import attention_of, pad_multiple, packing_on
+    from ..methods.heads import MASKED_PACK_MAX_TOKENS, attention_of, pad_multiple, packing_on
 
     cfg, method = trainer.cfg, trainer.method
-    return {"batched_loss": method.batched, "packed": method.batched and packing_on(cfg, trainer.unwrapped, cfg.uses("disc")), "mode": cfg.packing,
+    packed = method.batched and packing_on(cfg, trainer.unwrapped)
+    if method.batched and not packed and cfg.packing == "auto" and cfg.uses("disc"):
+        packed = f"DiSC passes of up to {MASKED_PACK_MAX_TOKENS} tokens"
+    return {"batched_loss": method.batched, "packed": packed, "mode": cfg.packing,
             "attention": attention_of(trainer.unwrapped),
             "pad_to_multiple": pad_multiple(cfg, trainer.rt.device), "distinct_pass_shapes": len(method.shapes_seen)}
