@@ -135,9 +135,7 @@ def check_teacher_tokenizer(cfg, student_tokenizer) -> None:
                               f"distillation needs the same tokenizer: choose a teacher from the student's model family")
     widths = []
     for name in (cfg.model, cfg.teacher_model):
-        source, gguf_file = resolve_model(name)
-        if gguf_file is not None:
-            return  # a GGUF carries its config inside; the tokenizers already agree
+        source = resolve_model(name)  # aliases and GGUF files: their dequantized directory, which has a config
         widths.append(getattr(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code), "vocab_size", None))
     if None not in widths and widths[0] != widths[1]:
         raise CtxDistillError(f"--teacher-model {cfg.teacher_model} predicts over {widths[1]} token ids, --model {cfg.model} over {widths[0]} "
