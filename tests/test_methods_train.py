@@ -99,8 +99,11 @@ def test_method_trains_the_tiny_model_and_records_its_run(name, tiny_model_dir, 
     result = train(cfg, progress=False, log=lambda *a: None)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["method"] == name and run["counts"]["steps"] == 2 and run["counts"]["student_tokens"] > 0
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
     assert len(losses) == 2 and all(loss >= 0 for loss in losses)
+    metrics = {"ft_kl": {"ce", "kl"}, "talr": {"tau"}, "icl_distill": {"ce", "kl"}}.get(name, set())
+    assert all(metrics <= set(r) for r in records), "a method's LossOutput.metrics are logged with each step"
     expected_student = "lora" if name in ("lora", "icl_distill") else "full"
     assert run["config"]["student"] == expected_student
     trained = result.model.state_dict()
