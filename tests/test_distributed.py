@@ -93,7 +93,6 @@ def test_accelerate_launch_lora_token_normalisation_uneven_batches_and_checkpoin
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2, "every process's RNG state is in the checkpoint"
     assert state["rng"][0]["torch"] != state["rng"][1]["torch"], "processes draw dropout masks from their own streams"
-    assert runs[1]["processes"] == {"world_size": 2, "mode": "data_parallel"}
 
 
 def test_token_normalisation_weights_items_by_their_share_of_the_global_tokens(tiny_model_dir, corpus4, tmp_path):

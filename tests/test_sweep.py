@@ -59,6 +59,8 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(ctxdistill.training, "train", no_training)
+    status = run_sweep(cfg, **quiet)
+    assert set(status["runs"].values()) == {"skipped (finished earlier)"}
     (out / "runs" / "ft_lr0.001_s7" / "eval.json").unlink()  # ...except one whose evaluation is missing
     calls = []
     monkeypatch.setattr(ctxdistill.training, "train", lambda cfg, **kw: calls.append(cfg.out) or (_ for _ in ()).throw(RuntimeError("stop")))
