@@ -209,6 +209,7 @@ class RolloutWindow:
 
     items: list = field(default_factory=list)
     rollouts: dict = field(default_factory=dict)  # item key -> Rollout, removed once trained on
+    drawn: set = field(default_factory=set)  # keys of the items whose rollouts were drawn (or restored)
 
 
 @dataclass(frozen=True)
@@ -427,7 +428,7 @@ class Sdft(Method):
         span = self.config.sdft_generate_every * self.cfg.docs_per_step
         if self._window is None or self._position % span == 0:
             self._window = RolloutWindow()
-        item = SdftItem(example, rng.getrandbits(63), self._position, self._window)
+        item = SdftItem(example, rng.getrandbits(40), self._position, self._window)
         self._window.items.append(item)
         self._position += 1
         return [item]
@@ -447,11 +448,13 @@ class Sdft(Method):
         todo: list[SdftItem] = []
         for item in items:
             for other in self.my_items(item.window) + [item]:
-                if other.key not in other.window.rollouts and other not in todo:
-                    if other.key in self.pending_rollouts:
-                        other.window.rollouts[other.key] = self.pending_rollouts.pop(other.key)
-                    else:
-                        todo.append(other)
+                if other.key in other.window.drawn and other is not item or other in todo:
+                    continue
+                if other.key in self.pending_rollouts:
+                    other.window.rollouts[other.key] = self.pending_rollouts.pop(other.key)
+                    other.window.drawn.add(other.key)
+                elif other.key not in other.window.rollouts:
+                    todo.append(other)
         counts = {}
         if todo:
             counts = self.draw(student, todo, device)
@@ -481,6 +484,7 @@ class Sdft(Method):
             reused = c.sdft_generate_every > 1 and c.sdft_is_clip > 0 and not c.sdft_generate_from_teacher  # TRL: none from the teacher prompt
             old = self.rollout_logprobs(student, item, completions, device) if reused else None
             item.window.rollouts[item.key] = Rollout(completions, old)
+            item.window.drawn.add(item.key)
             self.open_windows[id(item.window)] = item.window
         return {"sdft_generation_ms": int(round(seconds * 1000)), "sdft_generated_sequences": len(prompts),
                 "sdft_generated_tokens": sum(len(o.tokens) for o in outputs), "sdft_stopped_sequences": stopped}
