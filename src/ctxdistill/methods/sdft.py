@@ -448,7 +448,8 @@ class Sdft(Method):
         todo: list[SdftItem] = []
         for item in items:
             for other in self.my_items(item.window) + [item]:
-                if other.key in other.window.drawn and other is not item or other in todo:
+                # earlier items of the window were trained on already (items come in epoch order; a resumed run starts mid-window)
+                if other.position < item.position or other.key in other.window.drawn and other is not item or other in todo:
                     continue
                 if other.key in self.pending_rollouts:
                     other.window.rollouts[other.key] = self.pending_rollouts.pop(other.key)

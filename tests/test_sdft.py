@@ -1,0 +1,396 @@
+"""SDFT (methods/sdft.py): faithfulness to TRL's loss, chunked == dense, on-policy rollouts, the teacher's
+privileged context, teacher kinds, bad input, and (once the loop runs it) training and exact resume.
+
+The TRL reference below is an independent, per-position computation of what TRL's SDFTTrainer computes
+(huggingface/trl f2cd57710ae345ea6428ae95363267fcf38a3dc8 = trl 1.16.0, trl/experimental/sdft/loss_utils.py
+and sdft_trainer.py `_compute_self_distillation_loss`): logits / T, log-softmax, the divergence chosen by
+`distillation_alpha`, on the student's top-k support (renormalised or with a tail bucket) or the full
+vocabulary, the first `num_loss_tokens_to_skip` completion tokens masked, mean over each sequence's loss
+tokens then over sequences. When `trl` is importable the same inputs also go through TRL's own functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from ctxdistill.errors import CtxDistillError
+from ctxdistill.losses import chunked_head_sdft, sdft_per_position, sdft_sequence_loss
+
+CPU = torch.device("cpu")
+
+
+# -- the reference ------------------------------------------------------------------------------------
+
+
+def reference_divergence(p_s: list[float], p_t: list[float], alpha: float) -> float:
+    """TRL's `compute_divergence` on probability vectors, written out term by term in float64."""
+    def kl(p, q):
+        return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+    if alpha == 0:
+        return kl(p_t, p_s)
+    if alpha == 1:
+        return kl(p_s, p_t)
+    m = [(1 - alpha) * a + alpha * b for a, b in zip(p_s, p_t)]
+    return alpha * kl(p_t, m) + (1 - alpha) * kl(p_s, m)
+
+
+def reference_support(s_logits: torch.Tensor, t_logits: torch.Tensor, topk: int, add_tail: bool):
+    """Probability vectors of one position: the full softmax, or the student's top-k ids (renormalised or + tail)."""
+    p_s, p_t = s_logits.double().softmax(-1), t_logits.double().softmax(-1)
+    if not topk:
+        return p_s.tolist(), p_t.tolist()
+    ids = s_logits.topk(topk).indices
+    top_s, top_t = p_s[ids].tolist(), p_t[ids].tolist()
+    if add_tail:
+        return top_s + [1 - sum(top_s)], top_t + [1 - sum(top_t)]
+    return [v / sum(top_s) for v in top_s], [v / sum(top_t) for v in top_t]
+
+
+def reference_loss(student_logits, teacher_logits, completion_mask, *, alpha, temperature=1.0, topk=0, add_tail=False, skip=0):
+    """TRL's SDFT loss for a batch of [B, C, V] completion logits and a [B, C] completion mask."""
+    per_sequence = []
+    for b in range(student_logits.shape[0]):
+        terms = []
+        for c in range(student_logits.shape[1]):
+            if completion_mask[b, c] and c >= skip:
+                p_s, p_t = reference_support(student_logits[b, c] / temperature, teacher_logits[b, c] / temperature, topk, add_tail)
+                terms.append(reference_divergence(p_s, p_t, alpha))
+        per_sequence.append(sum(terms) / max(len(terms), 1))
+    return sum(per_sequence) / len(per_sequence)
+
+
+def trl_loss(student_logits, teacher_logits, completion_mask, *, alpha, temperature=1.0, topk=0, add_tail=False, skip=0):
+    """The same through TRL's own functions (trl 1.16.0), with the trainer's masking and reduction."""
+    loss_utils = pytest.importorskip("trl.experimental.sdft.loss_utils")
+    s, t = student_logits / temperature, teacher_logits / temperature
+    if topk:
+        per_token = loss_utils.compute_topk_self_distillation_loss(s, t, distillation_topk=topk, distillation_alpha=alpha,
+                                                                   distillation_add_tail=add_tail)
+    else:
+        per_token = loss_utils.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha)
+    mask = completion_mask * (torch.arange(completion_mask.shape[1])[None] >= skip).long()
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+SETTINGS = [dict(alpha=1.0), dict(alpha=0.0), dict(alpha=0.5, temperature=0.7), dict(alpha=0.5, topk=5),
+            dict(alpha=1.0, topk=5, add_tail=True), dict(alpha=0.2, skip=2)]
+
+
+def completion_batch(seed=0, batch=3, length=6, vocab=40, hidden=16):
+    """Hidden states, LM heads and logits of a batch of completions of different lengths (right-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    h_s, h_t = torch.randn(batch, length, hidden, generator=g), torch.randn(batch, length, hidden, generator=g)
+    w_s, w_t = torch.randn(vocab, hidden, generator=g) / 2, torch.randn(vocab, hidden, generator=g) / 2
+    lengths = [length, length - 2, 1][:batch]
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    return h_s, h_t, w_s, w_t, mask, lengths
+
+
+def ctxdistill_loss(h_s, h_t, w_s, w_t, mask, lengths, *, alpha, temperature=1.0, topk=0, add_tail=False, skip=0, chunk_size=4):
+    """ctxdistill's path: the distilled rows only, weighted by the method's `position_weights`, chunked LM head."""
+    from ctxdistill.methods.sdft import position_weights
+
+    keep = mask.bool() & (torch.arange(mask.shape[1])[None] >= skip)
+    weights = position_weights(lengths, skip, [1] * len(lengths), len(lengths))  # each row its own item
+    return chunked_head_sdft(h_s[keep], h_t[keep], w_s, w_t, weights, alpha, temperature, topk, add_tail, chunk_size)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_loss_matches_trl(setting):
+    h_s, h_t, w_s, w_t, mask, lengths = completion_batch()
+    s_logits, t_logits = h_s @ w_s.T, h_t @ w_t.T
+    expected = reference_loss(s_logits, t_logits, mask, **setting)
+    ours = ctxdistill_loss(h_s, h_t, w_s, w_t, mask, lengths, **setting)
+    assert ours.item() == pytest.approx(expected, abs=1e-5, rel=1e-5)
+    dense = sdft_sequence_loss(sdft_per_position(s_logits, t_logits, setting["alpha"], setting.get("temperature", 1.0),
+                                                 setting.get("topk", 0), setting.get("add_tail", False)),
+                               mask * (torch.arange(mask.shape[1])[None] >= setting.get("skip", 0)))
+    assert dense.item() == pytest.approx(expected, abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:5], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_loss_matches_trl_package(setting):
+    """Against TRL's own code when `trl` is installed (skipped otherwise; the reference above always runs)."""
+    h_s, h_t, w_s, w_t, mask, lengths = completion_batch(seed=1)
+    expected = trl_loss(h_s @ w_s.T, h_t @ w_t.T, mask, **setting)
+    assert ctxdistill_loss(h_s, h_t, w_s, w_t, mask, lengths, **setting).item() == pytest.approx(expected.item(), abs=1e-5, rel=1e-5)
+
+
+def test_reverse_kl_is_the_default_and_points_the_right_way():
+    from ctxdistill.methods.sdft import SdftConfig
+
+    assert SdftConfig().sdft_beta == 1.0 and SdftConfig().sdft_topk == 0
+    s, t = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.5]])
+    p, q = s.softmax(-1), t.softmax(-1)
+    assert sdft_per_position(s, t, beta=1.0).item() == pytest.approx((p * (p.log() - q.log())).sum().item(), abs=1e-6)  # KL(student ‖ teacher)
+    assert sdft_per_position(s, t, beta=0.0).item() == pytest.approx((q * (q.log() - p.log())).sum().item(), abs=1e-6)  # KL(teacher ‖ student)
+
+
+@pytest.mark.parametrize("setting", [dict(alpha=1.0), dict(alpha=0.5, topk=5, add_tail=True), dict(alpha=0.3, temperature=0.8)])
+def test_chunked_equals_dense_with_gradients(setting):
+    h_s, h_t, w_s, w_t, mask, lengths = completion_batch(seed=2)
+    keep = mask.bool()
+    rows = int(keep.sum())
+    weights = torch.rand(rows, generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, w_s.shape[0], (rows,), generator=torch.Generator().manual_seed(4))
+    old = torch.randn(rows, generator=torch.Generator().manual_seed(5)) - 3
+    args = (setting["alpha"], setting.get("temperature", 1.0), setting.get("topk", 0), setting.get("add_tail", False))
+    grads = []
+    for chunk in (3, 0):  # 3 rows at a time (recomputed in backward) vs all rows at once
+        hs, ws = h_s[keep].clone().requires_grad_(), w_s.clone().requires_grad_()
+        loss = chunked_head_sdft(hs, h_t[keep], ws, w_t, weights, *args, chunk_size=chunk, targets=targets, old_logprobs=old, is_clip=2.0)
+        loss.backward()
+        grads.append((loss.detach(), hs.grad, ws.grad))
+    from ctxdistill.losses import clipped_importance_ratio
+
+    hs, ws = h_s[keep].clone().requires_grad_(), w_s.clone().requires_grad_()
+    s_logits = hs @ ws.T
+    dense = (sdft_per_position(s_logits, h_t[keep] @ w_t.T, *args) * clipped_importance_ratio(s_logits, targets, old, 2.0, args[1]) * weights).sum()
+    dense.backward()
+    for loss, g_h, g_w in grads:
+        assert torch.allclose(loss, dense.detach(), atol=1e-6, rtol=1e-5)
+        assert torch.allclose(g_h, hs.grad, atol=1e-6, rtol=1e-5) and torch.allclose(g_w, ws.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_importance_ratio_is_clipped_and_has_no_gradient():
+    from ctxdistill.losses import clipped_importance_ratio
+
+    logits = torch.zeros(2, 4, requires_grad=True)  # uniform: log p = log 1/4
+    ratio = clipped_importance_ratio(logits, torch.tensor([0, 1]), torch.tensor([math.log(0.25), math.log(0.25) - 5]), clip=2.0)
+    assert ratio.tolist() == pytest.approx([1.0, 2.0]) and not ratio.requires_grad
+
+
+# -- the method on the tiny model ------------------------------------------------------------------------
+
+
+RECORDS = [
+    {"id": "r0", "prompt": [{"role": "user", "content": "Who is the mayor of Velmora?"}],
+     "privileged_context": "Velmora elected Anika Dros as mayor in March. She promised a bridge over the Sarn river."},
+    {"id": "r1", "prompt": "Question: where is Quillon Robotics based?\nAnswer:",
+     "privileged_context": "Quillon Robotics moved to Brest under its chief executive Teodor Vask."},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sdft_config(model_dir, corpus, **overrides):
+    from ctxdistill.config import TrainConfig
+
+    values = dict(method="sdft", model=str(model_dir), corpus=str(corpus), device="cpu", precision="fp32", teacher_dtype="fp32",
+                  seed=0, sdft_max_completion_tokens=6, gen_cache=False) | overrides
+    return TrainConfig.from_options(values).validate()
+
+
+@pytest.fixture()
+def records_file(tmp_path):
+    return write_jsonl(tmp_path / "sdft.jsonl", RECORDS)
+
+
+def prepared(cfg, tokenizer, model=None):
+    from ctxdistill.methods.base import PrepareContext, get_method
+
+    method = get_method(cfg)
+    records, _ = method.load()
+    return method, method.prepare(records, PrepareContext(tokenizer, cfg, model=model, progress=False)).examples
+
+
+def items_of(method, examples, seed=0):
+    rng = random.Random(seed)
+    return [item for e in examples for item in method.plan(e, rng)]
+
+
+def test_prompts_and_teacher_prompts(tiny_model_dir, records_file, tokenizer):
+    from ctxdistill.methods.sdft import prompt_ids
+
+    method, examples = prepared(sdft_config(tiny_model_dir, records_file), tokenizer)
+    chat, text = examples
+    assert list(chat.prompt_ids) == prompt_ids(tokenizer, RECORDS[0]["prompt"])  # chat template with the generation prompt
+    teacher_chat = tokenizer.decode(chat.teacher_prompt_ids)
+    assert "Who is the mayor of Velmora?\n\nVelmora elected Anika Dros" in teacher_chat and teacher_chat.endswith("assistant\n")
+    assert tokenizer.decode(text.teacher_prompt_ids).startswith(RECORDS[1]["prompt"] + "\n\n" + RECORDS[1]["privileged_context"])
+    assert chat.generation_prompt_ids == chat.prompt_ids and chat.max_completion == 6
+    method, examples = prepared(sdft_config(tiny_model_dir, records_file, sdft_generate_from_teacher=True), tokenizer)
+    assert examples[0].generation_prompt_ids == examples[0].teacher_prompt_ids
+
+
+def test_rollouts_come_from_the_students_current_weights(tiny_model_dir, records_file, tokenizer):
+    from conftest import tiny_llama
+
+    cfg = sdft_config(tiny_model_dir, records_file, sdft_max_completion_tokens=12)
+    student = tiny_llama(len(tokenizer))
+
+    def completions(model):
+        method, examples = prepared(cfg, tokenizer)
+        rollouts, counts = method.rollouts(model, items_of(method, examples), CPU)
+        assert counts["sdft_generated_sequences"] == 2 and counts["sdft_generated_tokens"] > 0
+        return [r.completions for r in rollouts]
+
+    first = completions(student)
+    assert completions(student) == first  # the same weights and seeds: the same rollouts
+    student.load_state_dict(tiny_llama(len(tokenizer), seed=1).state_dict())
+    assert completions(student) != first  # other weights, the same seeds: other rollouts
+
+
+def fixed_rollouts(method, items, completion):
+    from ctxdistill.methods.sdft import Rollout
+
+    for item in items:
+        method.pending_rollouts[item.key] = Rollout([tuple(completion)])
+
+
+def test_teacher_sees_the_privileged_context(tiny_model_dir, records_file, tokenizer):
+    """Teacher = student weights: without the context the two distributions are equal (loss 0); with it they are not."""
+    import dataclasses
+
+    from conftest import tiny_llama
+    from ctxdistill.teachers import Teacher
+
+    student, frozen = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer))
+    method, examples = prepared(sdft_config(tiny_model_dir, records_file), tokenizer)
+    completion = tokenizer(" Anika Dros is the mayor.", add_special_tokens=False)["input_ids"]
+    losses = {}
+    for name, example in (("context", examples[0]), ("no context", dataclasses.replace(examples[0], teacher_prompt_ids=examples[0].prompt_ids))):
+        method_items = items_of(method, [example])
+        fixed_rollouts(method, method_items, completion)
+        out = method.batch_loss(student, Teacher(model=frozen), method_items, CPU)
+        assert out.student_tokens == len(completion) and not out.counts  # the fixed rollout, nothing drawn
+        losses[name] = out.loss.item()
+    assert losses["no context"] == pytest.approx(0.0, abs=1e-6)
+    assert losses["context"] > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["base", "live", "ema"])
+def test_teacher_kinds_lora(tiny_model_dir, records_file, tokenizer, kind):
+    """Under LoRA all three teachers start as the initial model; ema follows the adapter once updated, and the
+    student's own adapter weights are untouched by the teacher's pass."""
+    from conftest import tiny_llama
+    from ctxdistill.models import apply_lora
+    from ctxdistill.teachers import Teacher
+
+    cfg = sdft_config(tiny_model_dir, records_file, student="lora", sdft_teacher=kind, sdft_ema_rate=1.0)
+    method, examples = prepared(cfg, tokenizer)
+    assert method.needs_teacher() == (kind != "live")
+    student = apply_lora(tiny_llama(len(tokenizer)), r=4, alpha=8, dropout=0.0)
+    teacher = Teacher(student=student) if method.needs_teacher() else None
+    with torch.no_grad():  # a trained adapter: B != 0
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    completion = tokenizer(" Anika Dros.", add_special_tokens=False)["input_ids"]
+
+    def loss_without_context():
+        import dataclasses
+
+        example = dataclasses.replace(examples[0], teacher_prompt_ids=examples[0].prompt_ids)
+        its = items_of(method, [example])
+        fixed_rollouts(method, its, completion)
+        return method.batch_loss(student, teacher, its, CPU).loss.item()
+
+    live_like = loss_without_context()
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters() if p.requires_grad)
+    if kind == "live":
+        assert live_like == pytest.approx(0.0, abs=1e-6)  # the teacher is the student
+    else:
+        assert live_like > 1e-5  # the initial model (base; ema before any update) differs from the trained adapter
+    if kind == "ema":
+        method.after_step(student, teacher, 1)  # rate 1: the shadow adapter becomes the student's
+        assert loss_without_context() == pytest.approx(0.0, abs=1e-6)
+        state = method.state_dict(teacher)
+        assert set(state["ema"]) == set(before)
+
+
+def test_ema_full_finetuning_moves_the_frozen_copy(tiny_model_dir, records_file, tokenizer):
+    from conftest import tiny_llama
+    from ctxdistill.teachers import Teacher
+
+    method, _ = prepared(sdft_config(tiny_model_dir, records_file, sdft_teacher="ema", sdft_ema_rate=0.25, sdft_teacher_sync_steps=2), tokenizer)
+    student, teacher = tiny_llama(len(tokenizer), seed=1), Teacher(model=tiny_llama(len(tokenizer)))
+    start = {n: p.clone() for n, p in teacher.model.named_parameters()}
+    method.after_step(student, teacher, 1)  # not a sync step
+    assert all(torch.equal(p, start[n]) for n, p in teacher.model.named_parameters())
+    method.after_step(student, teacher, 2)
+    target = dict(student.named_parameters())
+    for n, p in teacher.model.named_parameters():
+        assert torch.allclose(p, 0.75 * start[n] + 0.25 * target[n], atol=1e-6)
+
+
+def test_generate_every_reuses_the_window_and_checkpoints_it(tiny_model_dir, records_file, tokenizer):
+    from conftest import tiny_llama
+    from ctxdistill.teachers import Teacher
+
+    cfg = sdft_config(tiny_model_dir, records_file, sdft_generate_every=2)
+    method, examples = prepared(cfg, tokenizer)
+    student, teacher = tiny_llama(len(tokenizer)), Teacher(model=tiny_llama(len(tokenizer)))
+    first, second = items_of(method, examples)
+    assert first.window is second.window  # two steps of one document each share one draw
+    out = method.loss(student, teacher, first, CPU)
+    assert out.counts["sdft_generated_sequences"] == 2
+    state = json.loads(json.dumps(method.state_dict()))  # what a checkpoint holds: the rollout not trained on yet
+    assert len(state["rollouts"]) == 1
+    resumed, examples = prepared(cfg, tokenizer)
+    resumed.load_state_dict(state)
+    _, again = items_of(resumed, examples)
+    assert not resumed.loss(student, teacher, again, CPU).counts  # restored, not drawn anew
+    assert not method.loss(student, teacher, second, CPU).counts
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"id": "x", "privileged_context": "Some facts."}, "needs field 'prompt'"),
+    ({"id": "x", "prompt": "What happened?"}, "needs field 'privileged_context'"),
+    ({"id": "x", "prompt": "What happened?", "privileged_context": "   "}, "'privileged_context' is empty"),
+    ({"id": "x", "prompt": "word " * 80, "privileged_context": "Some facts."}, "leaves no room for a completion within max_length 64"),
+    ({"id": "x", "prompt": "What happened?", "document_id": "d1"}, "pass the documents with --sdft-documents"),
+])
+def test_bad_records_fail_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch, record, message):
+    import ctxdistill.models as models
+    from ctxdistill.methods.base import get_method
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    corpus = write_jsonl(tmp_path / "bad.jsonl", [RECORDS[1], record])
+    with pytest.raises(CtxDistillError, match=message):
+        get_method(sdft_config(tiny_model_dir, corpus, max_length=64)).load()
+
+
+def test_bad_record_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys):
+    try:
+        from ctxdistill import cli
+    except ImportError as exc:  # the CLI is being ported to the new method contract
+        pytest.skip(f"ctxdistill.cli does not import yet: {exc}")
+    corpus = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "prompt": "What happened?"}])
+    code = cli.main(["train", "--method", "sdft", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--out", str(tmp_path / "out"),
+                     "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ctxdistill: error:") and "privileged_context" in err[0]
+
+
+def test_documents_get_generated_questions(tiny_model_dir, corpus_file, tokenizer, tmp_path):
+    from conftest import tiny_llama
+    from ctxdistill.methods.base import PrepareContext, get_method
+
+    cfg = sdft_config(tiny_model_dir, corpus_file, sdft_questions_per_document=2, sdft_question_max_tokens=8)
+    method = get_method(cfg)
+    documents, _ = method.load()
+    out = tmp_path / "out"
+    out.mkdir()
+    prep = method.prepare(documents, PrepareContext(tokenizer, cfg, model=tiny_llama(len(tokenizer)), out_dir=out, progress=False, log=lambda *a: None))
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert prep.generation["sequences"] == 4 and len(rows) == len(prep.examples) > 0
+    assert {r["document_id"] for r in rows} <= {"doc-0", "doc-1"}
+    example = prep.examples[0]
+    assert "Velmora" in tokenizer.decode(example.teacher_prompt_ids) or "Quillon" in tokenizer.decode(example.teacher_prompt_ids)
+    assert not any(name in tokenizer.decode(example.prompt_ids) for name in ("Sarn river", "740 people"))
