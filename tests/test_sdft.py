@@ -224,6 +224,49 @@ def test_prompts_and_teacher_prompts(tiny_model_dir, records_file, tokenizer):
     assert examples[0].generation_prompt_ids == examples[0].teacher_prompt_ids
 
 
+def test_sequence_batch_aligns_predictions_with_completion_tokens():
+    from ctxdistill.methods.sdft import sequence_batch
+
+    batch = sequence_batch([((1, 2, 3), (7, 8), 0), ((4,), (9, 10, 11), 1)], 0, CPU)
+    rows, cols = batch.keep.nonzero(as_tuple=True)
+    assert cols.tolist() == [2, 3, 1, 2]  # the last prompt token predicts the first completion token; 1 token skipped in row 2
+    assert batch.input_ids[rows, cols + 1].tolist() == batch.targets.tolist() == [7, 8, 10, 11]
+
+
+def test_method_loss_equals_trl_on_trls_batch_layout(tiny_model_dir, records_file, tokenizer):
+    """The whole method (prompts, teacher prompts, alignment, reduction) against TRL's layout: left-padded prompts +
+    right-padded completions in one batch, logits[:, :-1][:, -C:] / T, the loss of `reference_loss`."""
+    from conftest import tiny_llama
+    from ctxdistill.teachers import Teacher
+
+    cfg = sdft_config(tiny_model_dir, records_file, sdft_beta=0.5, sdft_temperature=0.9, sdft_loss_tokens_to_skip=1)
+    method, examples = prepared(cfg, tokenizer)
+    student, frozen = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer), seed=1)
+    completions = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (" Anika Dros.", " It is in Brest, France.")]
+    items = items_of(method, examples)
+    from ctxdistill.methods.sdft import Rollout
+
+    for item, completion in zip(items, completions):
+        method.pending_rollouts[item.key] = Rollout([tuple(completion)])
+    ours = method.batch_loss(student, Teacher(model=frozen), items, CPU).loss.item()
+
+    def trl_logits(model, prompts):
+        width, length = max(map(len, prompts)), max(map(len, completions))
+        ids = torch.full((len(prompts), width + length), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for r, (p, c) in enumerate(zip(prompts, completions)):
+            ids[r, width - len(p) : width + len(c)] = torch.tensor(list(p) + list(c))
+            mask[r, width - len(p) : width + len(c)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return logits[:, :-1][:, -length:], mask[:, width:]
+
+    s_logits, completion_mask = trl_logits(student, [e.prompt_ids for e in examples])
+    t_logits, _ = trl_logits(frozen, [e.teacher_prompt_ids for e in examples])
+    expected = reference_loss(s_logits, t_logits, completion_mask, alpha=0.5, temperature=0.9, skip=1)
+    assert ours == pytest.approx(expected, abs=1e-5, rel=1e-5)
+
+
 def test_rollouts_come_from_the_students_current_weights(tiny_model_dir, records_file, tokenizer):
     from conftest import tiny_llama
 
