@@ -567,7 +567,7 @@ class Sdft(Method):
         rate = c.sdft_ema_rate
         if self.cfg.student == "lora":
             shadow = self.shadow(student)
-            for name, param in trainable(student).items():
+            for name, param in lora_weights(student).items():
                 shadow[name].mul_(1 - rate).add_(param.detach().to(shadow[name].dtype), alpha=rate)
             return
         target = dict(teacher.model.named_parameters())
@@ -578,7 +578,7 @@ class Sdft(Method):
     def shadow(self, student) -> dict[str, torch.Tensor]:
         """LoRA + ema: the shadow adapter, started at zero (TRL's PEFTAdapterEMACallback)."""
         if self.ema_shadow is None:
-            self.ema_shadow = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in trainable(student).items()}
+            self.ema_shadow = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in lora_weights(student).items()}
         return self.ema_shadow
 
     def state_dict(self, teacher=None) -> dict:
@@ -654,6 +654,15 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {plain_name(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def lora_weights(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA matrices: what the ema teacher's shadow adapter averages (TRL: pure LoRA only)."""
+    weights = trainable(model)
+    others = [n for n in weights if "lora_" not in n]
+    if others:
+        raise CtxDistillError(f"sdft_teacher ema under LoRA averages the adapter only, but {others[0]} also trains; use full fine-tuning")
+    return weights
+
+
 def plain_name(name: str) -> str:
     """A parameter's name without the wrappers' prefixes (torch.compile, DDP)."""
     for prefix in ("_orig_mod.", "module."):
@@ -678,7 +687,7 @@ class TeacherView:
         if self.lora_ema:  # swapped before the student's forward, restored after the teacher's: autograd never sees it
             shadow = self.method.shadow(self.student)
             with torch.no_grad():
-                for name, param in trainable(self.student).items():
+                for name, param in lora_weights(self.student).items():
                     self.saved[name] = param.detach().clone()
                     param.data.copy_(shadow[name].to(param.dtype))
         return self
@@ -686,7 +695,7 @@ class TeacherView:
     def restore(self) -> None:
         if self.saved:
             with torch.no_grad():
-                for name, param in trainable(self.student).items():
+                for name, param in lora_weights(self.student).items():
                     param.data.copy_(self.saved[name])
             self.saved = {}
 
