@@ -51,7 +51,8 @@ def step_times(model, batch: int, tokens: int, steps: int, device, optimizer_on:
     from ctxdistill.config import TrainConfig
     from ctxdistill.methods.ft import FineTune, TokenExample
 
-    method, cfg = FineTune(), TrainConfig(method="ft")
+    cfg = TrainConfig(method="ft")
+    method = FineTune(cfg)
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type in ("cpu", "cuda")) if optimizer_on else None
     fwd_bwd, full = [], []
@@ -61,7 +62,7 @@ def step_times(model, batch: int, tokens: int, steps: int, device, optimizer_on:
         start = time.perf_counter()
         for row in rows:  # FT trains one document per forward pass; a batch of several is accumulated
             with torch.autocast(device.type, dtype=torch.bfloat16) if autocast_on else contextlib.nullcontext():
-                loss, _ = method.loss(model, None, row, cfg, 0, device)
+                loss = method.loss(model, None, row, device).loss
             (loss / batch).backward()
         sync(device)
         middle = time.perf_counter()
@@ -101,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ctxdistill.models import load_model
-    from ctxdistill.train import resolve_device
+    from ctxdistill.runtime import resolve_device
 
     device = resolve_device(args.device)
     sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048)

@@ -46,7 +46,7 @@ def build_pair(args, device):
 
     import torch
 
-    from ctxdistill.models import Teacher
+    from ctxdistill.teachers import Teacher
 
     student = build_model(args.vocab, args.length, args.shape, device)
     return student, Teacher(model=copy.deepcopy(student).to(torch.bfloat16))
@@ -60,8 +60,8 @@ def child(args, pair=None) -> dict:
     from ctxdistill.config import TrainConfig
     from ctxdistill.methods.disc import Disc, DiscItem, suffix_batch, teacher_positions
     from ctxdistill.models import final_hidden_states
-    from ctxdistill.segment import SegmentedDoc
-    from ctxdistill.train import resolve_device
+    from ctxdistill.inputs.segment import SegmentedDoc
+    from ctxdistill.runtime import resolve_device
 
     device = resolve_device(args.device)
     student, teacher = pair or build_pair(args, device)
@@ -85,7 +85,7 @@ def child(args, pair=None) -> dict:
             loss = ((student_hidden.float() - teacher_hidden.float()) ** 2).mean()
         else:
             cfg = TrainConfig(kl_chunk_size=1024 if args.mode == "chunked" else 0)
-            loss, _ = Disc().loss(student, teacher, item, cfg, 0, device)
+            loss = Disc(cfg).loss(student, teacher, item, device).loss
     loss.backward()
     peak = peak_memory_mb(device)
     del loss
@@ -113,7 +113,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-    from ctxdistill.train import resolve_device
+    from ctxdistill.runtime import resolve_device
 
     device = resolve_device(args.device)
     in_process = args.in_process if args.in_process is not None else device.type == "cuda"

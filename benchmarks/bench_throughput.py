@@ -61,32 +61,33 @@ def use_synthetic_documents(args) -> None:
     the methods' load/prepare are replaced, everything after them (plan, loss, step) is the real code."""
     from transformers import AutoConfig
 
-    import ctxdistill.train as train_module
-    from ctxdistill.corpus import CorpusReport, Document
+    import ctxdistill.training.loop as loop_module
+    from ctxdistill.inputs.corpus import CorpusReport, Document
     from ctxdistill.methods import PreparedCorpus, get_method
     from ctxdistill.methods.ft import TokenExample
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
     docs = synthetic_documents(args.warmup + args.docs, vocab, parse_range(args.doc_tokens), parse_range(args.sentence_tokens))
 
-    def synthetic_method(name):
-        method = get_method(name)
+    def synthetic_method(cfg):
+        method = get_method(cfg)
 
-        def load(cfg):
+        def load():
             return [Document(d.doc_id, "") for d in docs], CorpusReport(read=len(docs), kept=len(docs))
 
-        def prepare(documents, tokenizer, cfg, **kwargs):
-            examples = [TokenExample(d.doc_id, tuple(d.token_ids)) for d in docs] if name == "ft" else list(docs)
+        def prepare(documents, ctx):
+            method.pad_id = ctx.pad_id
+            examples = [TokenExample(d.doc_id, tuple(d.token_ids)) for d in docs] if cfg.method == "ft" else list(docs)
             return PreparedCorpus(examples)
 
         method.load, method.prepare = load, prepare
         return method
 
-    train_module.get_method = synthetic_method
+    loop_module.get_method = synthetic_method
 
 
 def subset_corpus(n_docs: int, path: Path) -> str:
-    from ctxdistill.corpus import bundled_path
+    from ctxdistill.inputs.corpus import bundled_path
 
     lines = bundled_path("news_updates").read_text(encoding="utf-8").splitlines()[:n_docs]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -98,8 +99,9 @@ def child(args) -> dict:
     import torch
 
     from ctxdistill.config import TrainConfig
-    from ctxdistill.teacher_cache import cache_teacher
-    from ctxdistill.train import resolve_device, train
+    from ctxdistill.runtime import resolve_device
+    from ctxdistill.teachers import cache_teacher
+    from ctxdistill.training import train
 
     work = Path(args.work)
     if args.synthetic_docs:
@@ -110,26 +112,26 @@ def child(args) -> dict:
                 save_model=False, overwrite=True, seed=0, device=args.device, split_strategy=args.split_strategy)
     result = {"variant": args.variant}
     if args.variant in ("ft", "ft_compile"):
-        cfg = TrainConfig(method="ft", out=str(work / args.variant), compile=args.variant == "ft_compile", **base)
+        cfg = TrainConfig.create(method="ft", out=str(work / args.variant), compile=args.variant == "ft_compile", **base)
     elif args.variant == "disc_all_sentences":
-        cfg = TrainConfig(method="disc", out=str(work / args.variant), **(base | {"split_strategy": "all_sentences"}))
+        cfg = TrainConfig.create(method="disc", out=str(work / args.variant), **(base | {"split_strategy": "all_sentences"}))
     elif args.variant == "disc_compile":
-        cfg = TrainConfig(method="disc", out=str(work / args.variant), compile=True, **base)
+        cfg = TrainConfig.create(method="disc", out=str(work / args.variant), compile=True, **base)
     elif args.variant == "disc_reference":
-        cfg = TrainConfig(method="disc", teacher_mode="per_split", out=str(work / "ref"), **base)
+        cfg = TrainConfig.create(method="disc", teacher_mode="per_split", out=str(work / "ref"), **base)
     elif args.variant == "disc":
-        cfg = TrainConfig(method="disc", out=str(work / "disc"), **base)
+        cfg = TrainConfig.create(method="disc", out=str(work / "disc"), **base)
     elif args.variant == "sdft":
         if args.synthetic_docs:
             raise SystemExit("sdft generates questions and rollouts as text; not available with --synthetic-docs")
-        cfg = TrainConfig.from_options(base | {"method": "sdft", "out": str(work / "sdft"), "sdft_questions_per_document": 1,
-                                               "sdft_max_completion_tokens": args.sdft_completion_tokens, "gen_cache": False}).validate()
+        cfg = TrainConfig.create(method="sdft", out=str(work / "sdft"), sdft_questions_per_document=1,
+                                 sdft_max_completion_tokens=args.sdft_completion_tokens, gen_cache=False, **base)
     else:
         cache_dir = work / "cache"
-        manifest = cache_teacher(TrainConfig(method="disc", **base), str(cache_dir), k=args.k, progress=False, log=lambda *_: None)
+        manifest = cache_teacher(TrainConfig.create(method="disc", **base), str(cache_dir), k=args.k, progress=False, log=lambda *_: None)
         result["cache"] = {"k": args.k, "positions": manifest["positions"], "bytes": manifest["bytes"],
                            "bytes_per_position": manifest["bytes"] / manifest["positions"], "build_s": manifest["build_seconds"]}
-        cfg = TrainConfig(method="disc", teacher_cache=str(cache_dir), out=str(work / "cached"), **base)
+        cfg = TrainConfig.create(method="disc", teacher_cache=str(cache_dir), out=str(work / "cached"), **base)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -143,7 +145,7 @@ def child(args) -> dict:
         trained = profiled_train(cfg, args) if args.profile else train(cfg, progress=False, log=lambda *_: None)
     summary = trained.summary
     result["parameters"] = sum(p.numel() for p in trained.model.parameters())
-    result["split_strategy"] = cfg.split_strategy
+    result["split_strategy"] = cfg.disc.split_strategy
     result["compile"] = cfg.compile
     steps = [json.loads(line) for line in (Path(cfg.out) / "losses.jsonl").read_text().splitlines()]
     timed = steps[args.warmup :]
@@ -173,12 +175,12 @@ def profiled_train(cfg, args):
 
     import torch
 
-    import ctxdistill.train as train_module
+    import ctxdistill.training.loop as train_module
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=args.warmup, warmup=1, active=3, repeat=1))
     profiler, done = cProfile.Profile(), [0]
-    original = train_module.Loop.step
+    original = train_module.Trainer.step
 
     def step(self, group, epoch):
         timed = done[0] >= args.warmup
@@ -191,7 +193,7 @@ def profiled_train(cfg, args):
         prof.step()
         return record
 
-    train_module.Loop.step = step
+    train_module.Trainer.step = step
     with prof:
         trained = train_module.train(cfg, progress=False, log=lambda *_: None)
     text = io.StringIO()
@@ -211,23 +213,26 @@ def loss_agreement(model: str, corpus: str, n_docs: int = 4) -> dict:
     import torch
 
     from ctxdistill.config import TrainConfig
-    from ctxdistill.corpus import load_corpus
+    from ctxdistill.inputs.corpus import load_corpus
     from ctxdistill.methods.disc import Disc
-    from ctxdistill.models import Teacher, load_model, load_tokenizer
+    from ctxdistill.methods import PrepareContext
+    from ctxdistill.models import load_model, load_tokenizer
+    from ctxdistill.teachers import Teacher
 
     tokenizer, student = load_tokenizer(model), load_model(model)
     teacher = Teacher(model=load_model(model))
     with torch.no_grad():  # a student that differs from its teacher, as after some training
         for p in student.parameters():
             p.mul_(1 + 0.01 * torch.randn_like(p))
-    method, cfg = Disc(), TrainConfig()
+    cfg = TrainConfig.create()
+    method = Disc(cfg)
     docs, _ = load_corpus(corpus)
     rel = []
-    for example in method.prepare(docs, tokenizer, cfg).examples[:n_docs]:
-        item = method.plan(example, random.Random(0), cfg)
+    for example in method.prepare(docs, PrepareContext(tokenizer, cfg)).examples[:n_docs]:
+        [item] = method.plan(example, random.Random(0))
         with torch.no_grad():
-            fast = method.loss(student, teacher, item, cfg, 0, "cpu")[0].item()
-            ref = method.reference_loss(student, teacher, item, cfg, "cpu")[0].item()
+            fast = method.loss(student, teacher, item, "cpu").loss.item()
+            ref = method.reference_loss(student, teacher, item, "cpu").loss.item()
         rel.append(abs(fast - ref) / abs(ref))
     return {"documents": len(rel), "max_relative_difference": max(rel), "precision": "fp32"}
 
@@ -239,15 +244,17 @@ def topk_gap(model: str, corpus: str, ks=(16, 64, 256)) -> dict:
     import torch
 
     from ctxdistill.config import TrainConfig
-    from ctxdistill.corpus import load_corpus
+    from ctxdistill.inputs.corpus import load_corpus
     from ctxdistill.losses import forward_kl_per_position, topk_tail_kl_per_position
+    from ctxdistill.methods import PrepareContext
     from ctxdistill.methods.disc import Disc, per_split_teacher_logits
     from ctxdistill.models import load_model, load_tokenizer
 
     tokenizer, model_ = load_tokenizer(model), load_model(model)
     docs, _ = load_corpus(corpus)
-    method, cfg = Disc(), TrainConfig()
-    item = method.plan(method.prepare(docs[:1], tokenizer, cfg).examples[0], random.Random(0), cfg)
+    cfg = TrainConfig.create()
+    method = Disc(cfg)
+    [item] = method.plan(method.prepare(docs[:1], PrepareContext(tokenizer, cfg)).examples[0], random.Random(0))
     with torch.no_grad():
         t = per_split_teacher_logits(model_, item.doc.token_ids, item.spans, "cpu")
         s = torch.cat([model_(torch.tensor([item.doc.token_ids[a:b]])).logits[0, : b - a - 1] for a, b in item.spans])

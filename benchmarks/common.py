@@ -95,7 +95,7 @@ def synthetic_documents(n: int, vocab: int, doc_tokens=(512, 2048), sentence_tok
     the form DiSC's prepare() produces, so the real training loop runs on them unchanged."""
     import random
 
-    from ctxdistill.segment import SegmentedDoc
+    from ctxdistill.inputs.segment import SegmentedDoc
 
     rng = random.Random(seed)
     docs = []

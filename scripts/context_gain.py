@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ctxdistill.config import TrainConfig
-from ctxdistill.corpus import load_corpus
+from ctxdistill.inputs.corpus import load_corpus
 from ctxdistill.losses import context_kl_per_position
+from ctxdistill.methods import PrepareContext
 from ctxdistill.methods.disc import Disc, per_split_teacher_logits
 from ctxdistill.models import DEFAULT_MODEL, load_model, load_tokenizer
 
@@ -37,15 +38,16 @@ def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 @torch.no_grad()
 def corpus_gain(model, tokenizer, spec: str, cfg: TrainConfig, threshold: float) -> dict:
     documents, _ = load_corpus(spec)
-    method = Disc()
-    prepared = method.prepare(documents, tokenizer, cfg)
+    method = Disc(cfg)
+    prepared = method.prepare(documents, PrepareContext(tokenizer, cfg))
     rng = random.Random(cfg.seed)
     columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("kl_t1", "kl_t2", "entropy_with", "entropy_alone", "nll_with", "nll_alone")}
     positions_per_doc = []
     for example in prepared.examples:
-        item = method.plan(example, rng, cfg)
-        if item is None:
+        planned = method.plan(example, rng)
+        if not planned:
             continue
+        [item] = planned
         ids, spans = item.doc.token_ids, item.spans
         with_context = per_split_teacher_logits(model, ids, spans, "cpu").float()
         alone = torch.cat([model(input_ids=torch.tensor([ids[s:e]]), use_cache=False).logits[0, : e - s - 1] for s, e in spans]).float()
@@ -85,7 +87,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=torch.float32).eval()
     cfg = TrainConfig(model=args.model)
-    report = {"model": args.model, "settings": {"split_strategy": cfg.split_strategy, "seed": cfg.seed, "max_length": cfg.max_length,
+    report = {"model": args.model, "settings": {"split_strategy": cfg.disc.split_strategy, "seed": cfg.seed, "max_length": cfg.max_length,
                                                 "threshold": args.threshold, "precision": "fp32"}, "corpora": {}}
     for entry in args.corpus:
         name, _, spec = entry.partition("=")

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from ctxdistill.config import TrainConfig
-from ctxdistill.corpus import bundled_path
-from ctxdistill.demo import evaluate_model
+from ctxdistill.inputs.corpus import bundled_path
+from ctxdistill.experiments.demo import evaluate_model
 from ctxdistill.evaluate.drift import greedy_responses, load_chat_prompts
 from ctxdistill.evaluate.probes import load_probes
 from ctxdistill.models import load_model, load_tokenizer
-from ctxdistill.train import autocast, train
+from ctxdistill.runtime import autocast
+from ctxdistill.training import train
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     for method in args.methods.split(","):
         for lr in map(float, args.lrs.split(",")):
             started = time.perf_counter()
-            cfg = TrainConfig(method=method, lr=lr, epochs=args.epochs, split_strategy=args.split_strategy, out="", save_model=False)
+            cfg = TrainConfig.create(method=method, lr=lr, epochs=args.epochs, split_strategy=args.split_strategy, out="", save_model=False)
             result = train(cfg, progress=False, log=lambda *_: None)
             row = {"method": method, "lr": lr, "epochs": args.epochs, "train_s": result.summary["timings_s"]["train"]}
             row |= evaluate_model(result.model, tokenizer, knowledge, general, initial, prompts, responses)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxdistill import checkpoint as ckpt
+from ctxdistill.training import checkpoint as ckpt
 from ctxdistill.cli import main
 from ctxdistill.errors import CtxDistillError
 
@@ -202,10 +202,10 @@ def test_disk_full_while_saving_the_model_keeps_the_checkpoints(tiny_model_dir, 
 
 def test_one_sentence_documents_are_skipped_and_counted_when_others_remain(tiny_model_dir, tmp_path):
     from ctxdistill.config import TrainConfig
-    from ctxdistill.train import train
+    from ctxdistill.training import train
 
     corpus = write(tmp_path / "mixed.jsonl", ONE_SENTENCE + json.dumps({"id": "long", "text": NEWS[0]}) + "\n")
-    train(TrainConfig(model=str(tiny_model_dir), corpus=str(corpus), out=str(tmp_path / "run"), max_steps=1, save_model=False,
+    train(TrainConfig.create(model=str(tiny_model_dir), corpus=str(corpus), out=str(tmp_path / "run"), max_steps=1, save_model=False,
                       checkpoint_every=0), progress=False, log=lambda *a: None)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["corpus"]["skipped_by_method"] == {"one-sentence (DiSC needs >= 2)": 3}
@@ -214,10 +214,10 @@ def test_one_sentence_documents_are_skipped_and_counted_when_others_remain(tiny_
 
 def test_a_document_longer_than_the_context_is_windowed_not_truncated(tiny_model_dir, tmp_path):
     from ctxdistill.config import TrainConfig
-    from ctxdistill.train import train
+    from ctxdistill.training import train
 
     corpus = write(tmp_path / "long.jsonl", json.dumps({"id": "long", "text": " ".join(NEWS)}) + "\n")
-    train(TrainConfig(model=str(tiny_model_dir), corpus=str(corpus), out=str(tmp_path / "run"), max_length=48, epochs=1,
+    train(TrainConfig.create(model=str(tiny_model_dir), corpus=str(corpus), out=str(tmp_path / "run"), max_length=48, epochs=1,
                       save_model=False, checkpoint_every=0, split_strategy="all_sentences"), progress=False, log=lambda *a: None)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     documents = [d for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines() for d in json.loads(line)["documents"]]

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from ctxdistill.cli import main
-from ctxdistill.config import TrainConfig, build_config
+from ctxdistill.config import TrainConfig
+from ctxdistill.options import build_config
 from ctxdistill.errors import CtxDistillError
 
 
@@ -26,7 +27,7 @@ def test_yaml_config_then_flags_override(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("method: ft\nlr: 3e-5\nepochs: 2\nsplit-strategy: all_sentences\n")
     cfg = build_config(TrainConfig, str(path), {"epochs": 4})
-    assert (cfg.method, cfg.lr, cfg.epochs, cfg.split_strategy) == ("ft", 3e-5, 4, "all_sentences")
+    assert (cfg.method, cfg.lr, cfg.epochs, cfg.disc.split_strategy) == ("ft", 3e-5, 4, "all_sentences")
 
 
 @pytest.mark.parametrize("yaml_text, message", [

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ctxdistill.corpus import load_corpus
+from ctxdistill.inputs.corpus import load_corpus
 from ctxdistill.errors import CtxDistillError
 
 TEXT = "The river port of Velmora opened a new bridge. It is 412 metres long."

@@ -8,9 +8,10 @@ import torch
 
 from ctxdistill.config import TrainConfig
 from ctxdistill.losses import forward_kl_per_position
+from ctxdistill.methods import PrepareContext
 from ctxdistill.methods.disc import Disc, DiscItem, per_split_teacher_logits, single_pass_teacher_logits
-from ctxdistill.models import Teacher
-from ctxdistill.segment import SegmentedDoc, choose_spans, segment_document
+from ctxdistill.teachers import Teacher
+from ctxdistill.inputs.segment import SegmentedDoc, choose_spans, segment_document
 
 from conftest import NEWS
 
@@ -40,11 +41,11 @@ def test_overlapping_spans_reuse_teacher_positions(tiny_model, doc):
 
 
 def loss_and_grads(student, teacher, item, mode):
-    cfg = TrainConfig(teacher_mode=mode, temperature=2.0)
+    cfg = TrainConfig.create(teacher_mode=mode, temperature=2.0)
     student.zero_grad()
-    loss, stats = Disc().loss(student, teacher, item, cfg, pad_id=0, device="cpu")
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in student.parameters()], stats
+    out = Disc(cfg).loss(student, teacher, item, "cpu")
+    out.loss.backward()
+    return out.loss.detach(), [p.grad.clone() for p in student.parameters()], out
 
 
 def test_default_mode_matches_the_authors_reference_loss_and_gradient(tiny_model, tokenizer, doc):
@@ -54,13 +55,14 @@ def test_default_mode_matches_the_authors_reference_loss_and_gradient(tiny_model
         for p in student.parameters():
             p.add_(0.02 * torch.randn_like(p))
     item = DiscItem(doc, tuple(choose_spans(doc, "sentence_boundary", random.Random(3), num_splits=3)))
-    fast_loss, fast_grads, stats = loss_and_grads(student, teacher, item, "single_pass")
+    fast_loss, fast_grads, out = loss_and_grads(student, teacher, item, "single_pass")
     ref_loss, ref_grads, _ = loss_and_grads(student, teacher, item, "per_split")
     assert fast_loss.item() > 0
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-7)
     for a, b in zip(fast_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    assert stats == {"student_tokens": item.student_tokens, "teacher_tokens": item.teacher_tokens}
+    assert (out.student_tokens, out.teacher_tokens) == (item.student_tokens, item.teacher_tokens)
+    assert out.counts == {} and out.metrics == {}
 
 
 def test_loss_equals_a_direct_computation_over_the_full_vocabulary(tiny_model, doc):
@@ -70,7 +72,7 @@ def test_loss_equals_a_direct_computation_over_the_full_vocabulary(tiny_model, d
             p.add_(0.05 * torch.randn_like(p))
     spans = tuple(choose_spans(doc, "all_sentences", random.Random(0))[:2])
     item = DiscItem(doc, spans)
-    loss, _ = Disc().loss(tiny_model, Teacher(model=teacher_model), item, TrainConfig(temperature=2.0), 0, "cpu")
+    loss = Disc(TrainConfig.create(temperature=2.0)).loss(tiny_model, Teacher(model=teacher_model), item, "cpu").loss
     ids = doc.token_ids
     per_split = []
     with torch.no_grad():
@@ -94,8 +96,9 @@ def test_zero_length_prefix_gives_zero_loss_and_zero_gradient(tiny_model, doc):
 
 
 def test_one_sentence_documents_are_skipped_and_reported(tokenizer):
-    from ctxdistill.corpus import Document
+    from ctxdistill.inputs.corpus import Document
 
-    prepared = Disc().prepare([Document("one", "Just one sentence here."), Document("two", NEWS[1])], tokenizer, TrainConfig())
+    cfg = TrainConfig.create()
+    prepared = Disc(cfg).prepare([Document("one", "Just one sentence here."), Document("two", NEWS[1])], PrepareContext(tokenizer, cfg, progress=False))
     assert [d.doc_id for d in prepared.examples] == ["two"]
     assert prepared.skipped["one-sentence (DiSC needs >= 2)"] == ["one"]

@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from ctxdistill.config import TrainConfig
-from ctxdistill.corpus import bundled_path
+from ctxdistill.inputs.corpus import bundled_path
 from ctxdistill.errors import CtxDistillError
 from ctxdistill.losses import (context_gain_mask, context_kl_per_position, forward_kl_per_position, renormalise_within_groups,
                                replay_loss, token_cross_entropy)
-from ctxdistill.methods import get_method
+from ctxdistill.methods import PrepareContext, get_method
 from ctxdistill.methods.disc import Disc, DiscItem
-from ctxdistill.methods.records import Record
-from ctxdistill.methods.replay import ReplayExample, replay_example
-from ctxdistill.models import Teacher
-from ctxdistill.segment import choose_spans, segment_document
-from ctxdistill.teacher_cache import TeacherCache
-from ctxdistill.train import train
+from ctxdistill.inputs.records import Record
+from ctxdistill.methods.replay import ReplayExample, needs_response, replay_example
+from ctxdistill.teachers import CachedTeacher, Teacher
+from ctxdistill.inputs.segment import choose_spans, segment_document
+from ctxdistill.training import train
 
 from conftest import NEWS
 
@@ -86,9 +85,10 @@ def test_renormalising_rescales_each_documents_kept_weights_to_its_share():
 @pytest.mark.parametrize("chunk", [0, 5])
 def test_a_negative_threshold_gives_exactly_the_plain_disc_loss(tiny_model, items, chunk):
     teacher = perturbed_teacher(tiny_model)
-    plain, _ = Disc().batch_loss(tiny_model, teacher, items, TrainConfig(kl_chunk_size=chunk), 0, "cpu")
-    cfg = TrainConfig(kl_chunk_size=chunk, disc_positions="context", context_kl_threshold=-1.0)
-    every, stats = Disc().batch_loss(tiny_model, teacher, items, cfg, 0, "cpu")
+    plain = Disc(TrainConfig.create(kl_chunk_size=chunk)).batch_loss(tiny_model, teacher, items, "cpu").loss
+    cfg = TrainConfig.create(kl_chunk_size=chunk, disc_positions="context", context_kl_threshold=-1.0)
+    out = Disc(cfg).batch_loss(tiny_model, teacher, items, "cpu")
+    every, stats = out.loss, out.counts
     assert torch.equal(every, plain)
     assert stats["kept_positions"] == stats["distilled_positions"] == sum(i.student_tokens for i in items)
     assert stats["documents_without_kept_positions"] == 0
@@ -103,8 +103,9 @@ def test_the_loss_is_the_mean_over_documents_of_the_weighted_mean_over_kept_posi
     for d in range(len(items)):
         kept = [(w, k) for c, k, w, doc in rows if doc == d and c > threshold]
         per_doc.append(sum(w * k for w, k in kept) / sum(w for w, _ in kept) if kept else 0.0)
-    cfg = TrainConfig(kl_chunk_size=chunk, disc_positions="context", context_kl_threshold=threshold)
-    loss, stats = Disc().batch_loss(tiny_model, teacher, items, cfg, 0, "cpu")
+    cfg = TrainConfig.create(kl_chunk_size=chunk, disc_positions="context", context_kl_threshold=threshold)
+    out = Disc(cfg).batch_loss(tiny_model, teacher, items, "cpu")
+    loss, stats = out.loss, out.counts
     assert loss.item() == pytest.approx(sum(per_doc) / len(items), rel=1e-4)
     assert stats["kept_positions"] == sum(c > threshold for c, *_ in rows) < stats["distilled_positions"] == len(rows)
 
@@ -115,8 +116,9 @@ def test_chunked_and_dense_paths_agree_in_value_and_gradient(tiny_model, items):
     results = []
     for chunk in (0, 5):
         tiny_model.zero_grad()
-        cfg = TrainConfig(kl_chunk_size=chunk, disc_positions="context", context_kl_threshold=threshold)
-        loss, stats = Disc().batch_loss(tiny_model, teacher, items, cfg, 0, "cpu")
+        cfg = TrainConfig.create(kl_chunk_size=chunk, disc_positions="context", context_kl_threshold=threshold)
+        out = Disc(cfg).batch_loss(tiny_model, teacher, items, "cpu")
+        loss, stats = out.loss, out.counts
         loss.backward()
         results.append((loss.detach(), stats, [p.grad.clone() for p in tiny_model.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
@@ -127,8 +129,9 @@ def test_chunked_and_dense_paths_agree_in_value_and_gradient(tiny_model, items):
 
 
 def test_a_document_that_keeps_no_position_contributes_zero(tiny_model, items):
-    cfg = TrainConfig(disc_positions="context", context_kl_threshold=1e6)
-    loss, stats = Disc().batch_loss(tiny_model, perturbed_teacher(tiny_model), items, cfg, 0, "cpu")
+    cfg = TrainConfig.create(disc_positions="context", context_kl_threshold=1e6)
+    out = Disc(cfg).batch_loss(tiny_model, perturbed_teacher(tiny_model), items, "cpu")
+    loss, stats = out.loss, out.counts
     assert loss.item() == 0.0 and stats["kept_positions"] == 0 and stats["documents_without_kept_positions"] == len(items)
 
 
@@ -137,7 +140,7 @@ def test_run_json_counts_the_kept_positions_over_the_run(tiny_model_dir, corpus_
     common = dict(model=str(tiny_model_dir), corpus=str(corpus_file), lr=1e-3, seed=0, max_steps=3, precision="fp32",
                   teacher_dtype="fp32", save_model=False)
     for name, extra in (("context", dict(method="disc", disc_positions="context", context_kl_threshold=1e-4)), ("all", dict(method="disc"))):
-        train(TrainConfig(out=str(tmp_path / name), **common, **extra), progress=False, log=lambda *a: None)
+        train(TrainConfig.create(out=str(tmp_path / name), **common, **extra), progress=False, log=lambda *a: None)
     counts = json.loads((tmp_path / "context" / "run.json").read_text())["counts"]
     assert 0 < counts["kept_positions"] <= counts["distilled_positions"]
     assert 0 <= counts["documents_without_kept_positions"] <= counts["documents"]
@@ -145,18 +148,18 @@ def test_run_json_counts_the_kept_positions_over_the_run(tiny_model_dir, corpus_
 
 
 def test_context_positions_refuse_a_teacher_cache_and_other_methods(tiny_model, items):
-    cfg = TrainConfig(disc_positions="context")
+    cfg = TrainConfig.create(disc_positions="context")
     with pytest.raises(CtxDistillError, match="live teacher"):
-        Disc().batch_loss(tiny_model, TeacherCache.__new__(TeacherCache), items, cfg, 0, "cpu")
+        Disc(cfg).batch_loss(tiny_model, CachedTeacher(cache=None), items, "cpu")
     with pytest.raises(CtxDistillError, match="live teacher"):
-        TrainConfig(disc_positions="context", teacher_cache="somewhere").validate()
+        TrainConfig.create(disc_positions="context", teacher_cache="somewhere").validate()
     with pytest.raises(CtxDistillError, match="DiSC variant"):
-        TrainConfig(disc_positions="context", method="ft").validate()
+        TrainConfig.create(disc_positions="context", method="ft").validate()
     with pytest.raises(CtxDistillError, match="single_pass"):
-        TrainConfig(disc_positions="context", teacher_mode="per_split").validate()
+        TrainConfig.create(disc_positions="context", teacher_mode="per_split").validate()
     with pytest.raises(CtxDistillError, match="context_kl_threshold"):
-        TrainConfig(disc_positions="context", context_kl_threshold=float("nan")).validate()
-    TrainConfig(disc_positions="context", method="replay", replay_method="disc").validate()
+        TrainConfig.create(disc_positions="context", context_kl_threshold=float("nan")).validate()
+    TrainConfig.create(disc_positions="context", method="replay", replay_method="disc").validate()
 
 
 # --- chat retention through replay -----------------------------------------------------------------------------------
@@ -192,10 +195,11 @@ def direct_kl(student, teacher, item, temperature):
 
 def test_replay_ce_weight_zero_is_a_pure_kl_retention_term_on_the_response(tiny_model, chat_item):
     teacher = perturbed_teacher(tiny_model)
-    cfg = TrainConfig(method="replay", replay_ce_weight=0.0, replay_kl_weight=2.0, kl_temperature=1.5)
-    loss, stats = get_method("replay").loss(tiny_model, teacher, chat_item, cfg, 0, "cpu")
+    cfg = TrainConfig.create(method="replay", replay_ce_weight=0.0, replay_kl_weight=2.0, kl_temperature=1.5).validate()
+    out = get_method(cfg).loss(tiny_model, teacher, chat_item, "cpu")
+    loss = out.loss
     torch.testing.assert_close(loss, 2.0 * direct_kl(tiny_model, teacher, chat_item, 1.5))
-    assert stats["student_tokens"] == sum(t != -100 for t in chat_item.labels[1:])
+    assert out.student_tokens == sum(t != -100 for t in chat_item.labels[1:])
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
 
@@ -215,7 +219,7 @@ def test_replay_loss_weights_ce_and_kl_and_default_weights_keep_the_old_loss(tin
 
 def test_replay_with_both_weights_zero_is_refused():
     with pytest.raises(CtxDistillError, match="both 0"):
-        TrainConfig(method="replay", replay_ce_weight=0.0, replay_kl_weight=0.0).validate()
+        TrainConfig.create(method="replay", replay_ce_weight=0.0, replay_kl_weight=0.0).validate()
 
 
 def test_bundled_chat_retention_prompts_are_40_varied_prompts_distinct_from_the_drift_prompts():
@@ -229,22 +233,22 @@ def test_bundled_chat_retention_prompts_are_40_varied_prompts_distinct_from_the_
 
 def test_missing_responses_are_the_initial_models_greedy_replies_generated_once_and_cached(tiny_model, tokenizer, tiny_model_dir,
                                                                                          tmp_path, monkeypatch):
-    from ctxdistill.generate import chat_ids, sample, stop_token_ids
+    from ctxdistill.generation.sampling import chat_ids, sample, stop_token_ids
 
     tiny_model = talkative(tiny_model, tokenizer)
     monkeypatch.setenv("CTXDISTILL_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "retain.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in [{"id": "a", "prompt": "Say hello."}, {"id": "b", "prompt": "Count to three."},
                                                              {"id": "c", "prompt": "Given.", "response": "Kept as written."}]))
-    cfg = TrainConfig(method="replay", model=str(tiny_model_dir), replay_source=str(source), replay_n=3, replay_format="chat",
-                      replay_max_new_tokens=6, gen_cache=True, precision="fp32")
-    method = get_method("replay")
-    cfg = method.configure(cfg)
-    method.load(cfg)
-    assert method.prepare_uses_model, "records without a response need the model before training"
+    cfg = TrainConfig.create(method="replay", model=str(tiny_model_dir), replay_source=str(source), replay_n=3, replay_format="chat",
+                      replay_max_new_tokens=6, gen_cache=True, precision="fp32").validate()
+    method = get_method(cfg)
+    method.load()
+    assert any(map(needs_response, method.replay_records)), "records without a response need the model before training"
 
     def prepare():
-        prepared = method.prepare([], tokenizer, cfg, model=tiny_model, device="cpu", out_dir=tmp_path, progress=False, log=lambda *a: None)
+        ctx = PrepareContext(tokenizer, cfg, model=tiny_model, device="cpu", out_dir=tmp_path, progress=False, log=lambda *a: None)
+        prepared = method.prepare([], ctx)
         return {e.doc_id: e for e in prepared.examples if isinstance(e, ReplayExample)}, prepared.generation
 
     examples, generation = prepare()
@@ -259,22 +263,24 @@ def test_missing_responses_are_the_initial_models_greedy_replies_generated_once_
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "replay_responses.jsonl").read_text().splitlines())}
     assert rows["c"]["response"] == "Kept as written."
 
-    monkeypatch.setattr("ctxdistill.generate.sample", lambda *a, **k: pytest.fail("a cached reply was generated again"))
+    monkeypatch.setattr("ctxdistill.generation.sampling.sample", lambda *a, **k: pytest.fail("a cached reply was generated again"))
     again, generation = prepare()
     assert again == examples and generation["cached"] == 2
 
 
-def test_records_with_responses_keep_replay_free_of_generation(tiny_model_dir, tmp_path):
+def test_records_with_responses_keep_replay_free_of_generation(tiny_model_dir, tokenizer, tmp_path):
     source = tmp_path / "pairs.jsonl"
     source.write_text(json.dumps({"id": "p", "prompt": "Q?", "response": "A."}) + "\n")
-    method = get_method("replay")
-    cfg = method.configure(TrainConfig(method="replay", model=str(tiny_model_dir), replay_source=str(source), replay_n=1))
-    method.load(cfg)
-    assert not method.prepare_uses_model
+    cfg = TrainConfig.create(method="replay", model=str(tiny_model_dir), replay_source=str(source), replay_n=1).validate()
+    method = get_method(cfg)
+    method.load()
+    assert not any(map(needs_response, method.replay_records))
+    prepared = method.prepare([], PrepareContext(tokenizer, cfg, model=None, progress=False, log=lambda *a: None))
+    assert prepared.generation == {} and [e.doc_id for e in prepared.examples] == ["replay:p"]
 
 
 def test_disc_context_with_chat_retention_trains_the_tiny_model(talkative_model_dir, corpus_file, tmp_path):
-    cfg = TrainConfig(model=str(talkative_model_dir), corpus=str(corpus_file), out=str(tmp_path / "run"), method="replay", replay_method="disc",
+    cfg = TrainConfig.create(model=str(talkative_model_dir), corpus=str(corpus_file), out=str(tmp_path / "run"), method="replay", replay_method="disc",
                       replay_source="bundled:chat_retention", replay_format="chat", replay_ce_weight=0.0, replay_kl_weight=1.0,
                       replay_n=3, replay_max_new_tokens=6, disc_positions="context", context_kl_threshold=0.0, lr=1e-3, seed=0,
                       max_steps=5, gen_cache=False, precision="fp32", teacher_dtype="fp32", save_model=False)
@@ -288,12 +294,10 @@ def test_disc_context_with_chat_retention_trains_the_tiny_model(talkative_model_
 
 
 def test_a_checkpoint_written_before_these_options_existed_can_still_be_resumed(tmp_path):
-    from dataclasses import asdict
+    from ctxdistill.training.resume import check_compatible
 
-    from ctxdistill.checkpoint import check_compatible
-
-    old = {k: v for k, v in asdict(TrainConfig()).items()
+    old = {k: v for k, v in TrainConfig.create().flat().items()
            if k not in ("disc_positions", "context_kl_threshold", "replay_ce_weight", "replay_max_new_tokens")}
-    check_compatible({"config": old}, asdict(TrainConfig()), tmp_path)
+    check_compatible({"config": old}, TrainConfig.create().flat(), tmp_path)
     with pytest.raises(CtxDistillError, match="disc_positions"):
-        check_compatible({"config": old}, asdict(TrainConfig(disc_positions="context")), tmp_path)
+        check_compatible({"config": old}, TrainConfig.create(disc_positions="context").flat(), tmp_path)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctxdistill.config import TrainConfig
-from ctxdistill.train import train
+from ctxdistill.training import train
 
 from conftest import NEWS
 
@@ -89,7 +89,7 @@ def quiet(*args, **kwargs):
 def test_torchrun_two_processes_equal_one_process_accumulating_two(tiny_model_dir, corpus4, tmp_path):
     values = dict(method="disc", model=str(tiny_model_dir), corpus=str(corpus4), device="cpu", precision="fp32", teacher_dtype="fp32",
                   lr=1e-3, seed=0, docs_per_step=2, epochs=1, checkpoint_every=0)
-    train(TrainConfig(out=str(tmp_path / "one"), **values), progress=False, log=quiet)
+    train(TrainConfig.create(out=str(tmp_path / "one"), **values), progress=False, log=quiet)
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     result = launch(torchrun, values, tmp_path / "two")
     runs = assert_same_training(tmp_path / "one", tmp_path / "two")
@@ -104,7 +104,7 @@ def test_accelerate_launch_lora_token_normalisation_uneven_batches_and_checkpoin
     values = dict(method="disc", model=str(tiny_model_dir), corpus=str(corpus4), device="cpu", precision="fp32", lr=1e-3, seed=0,
                   docs_per_step=3, epochs=1, student="lora", lora_r=4, lora_dropout=0.0, lora_targets="q_proj,v_proj",
                   loss_normalization="token", checkpoint_every=1)
-    train(TrainConfig(out=str(tmp_path / "one"), **values), progress=False, log=quiet)
+    train(TrainConfig.create(out=str(tmp_path / "one"), **values), progress=False, log=quiet)
     # The shipped data-parallel config (a multi-GPU launch); `--device cpu` makes the 2 processes join a gloo
     # group. (`accelerate launch --cpu` alone would start ONE process: it runs several CPU processes only via mpirun.)
     accelerate = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
@@ -121,28 +121,31 @@ def test_accelerate_launch_lora_token_normalisation_uneven_batches_and_checkpoin
 
 def test_token_normalisation_weights_items_by_their_share_of_the_global_tokens(tiny_model_dir, corpus4, tmp_path):
     """One step over 2 documents: the gradient is sum_i n_i * grad(loss_i) / sum_i n_i."""
-    from ctxdistill.corpus import load_corpus
-    from ctxdistill.methods import get_method
-    from ctxdistill.train import build_student, build_teacher, epoch_items
+    from ctxdistill.inputs.corpus import load_corpus
+    from ctxdistill.methods import PrepareContext, get_method
+    from ctxdistill.models import load_tokenizer
+    from ctxdistill.training.loop import build_student, epoch_items
+    from ctxdistill.teachers import build_teacher
 
     values = dict(method="disc", model=str(tiny_model_dir), corpus=str(corpus4), device="cpu", precision="fp32", teacher_dtype="fp32",
                   lr=1e-3, seed=0, docs_per_step=2, max_steps=1, loss_normalization="token", checkpoint_every=0, save_model=False)
-    train(TrainConfig(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
+    train(TrainConfig.create(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
     [record] = steps(tmp_path / "run")
 
-    cfg = TrainConfig(**values)
-    student, tokenizer = build_student(cfg, torch.device("cpu"))
+    cfg = TrainConfig.create(**values).validate()
+    student = build_student(cfg, torch.device("cpu"))
+    tokenizer = load_tokenizer(cfg.model)
     teacher = build_teacher(cfg, student, torch.device("cpu"))
-    method = get_method("disc")
+    method = get_method(cfg)
     docs, _ = load_corpus(str(corpus4))
-    items = epoch_items(method, method.prepare(docs, tokenizer, cfg).examples, cfg, 0)[:2]
+    items = epoch_items(method, method.prepare(docs, PrepareContext(tokenizer, cfg, progress=False)).examples, cfg.seed, 0)[:2]
     total = sum(i.student_tokens for i in items)
     assert items[0].student_tokens != items[1].student_tokens, "the test needs documents of different lengths"
     losses = []
     for item in items:
-        loss, stats = method.loss(student, teacher, item, cfg, tokenizer.pad_token_id, "cpu")
-        (loss * stats["student_tokens"] / total).backward()
-        losses.append(loss.item() * stats["student_tokens"] / total)
+        out = method.loss(student, teacher, item, "cpu")
+        (out.loss * out.student_tokens / total).backward()
+        losses.append(out.loss.item() * out.student_tokens / total)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None]))
     assert record["tokens"] == total
     assert record["loss"] == pytest.approx(sum(losses), rel=1e-5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ctxdistill.cli import main
-from ctxdistill.corpus import load_corpus
+from ctxdistill.inputs.corpus import load_corpus
 from ctxdistill.errors import CtxDistillError
 from ctxdistill.evaluate import data as eval_data
 from ctxdistill.evaluate.domains import build_pubmedqa_domain, passage_text, probe_question

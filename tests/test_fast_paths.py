@@ -11,10 +11,11 @@ from ctxdistill.config import TrainConfig
 from ctxdistill.errors import CtxDistillError
 from ctxdistill.losses import chunked_head_kl, forward_kl_per_position, topk_tail_kl_per_position
 from ctxdistill.methods.disc import Disc, DiscItem
-from ctxdistill.models import Teacher
-from ctxdistill.segment import choose_spans, segment_document
-from ctxdistill.teacher_cache import TeacherCache, cache_teacher
-from ctxdistill.train import train
+from ctxdistill.teachers import Teacher
+from ctxdistill.inputs.segment import choose_spans, segment_document
+from ctxdistill.teacher_cache import TeacherCache
+from ctxdistill.teachers import cache_teacher
+from ctxdistill.training import train
 
 from conftest import NEWS
 
@@ -60,7 +61,7 @@ def test_chunked_disc_loss_matches_dense_disc_loss(tiny_model, tokenizer):
     results = []
     for chunk in (0, 5):  # 0 = dense; 5 positions per chunk forces many chunks
         tiny_model.zero_grad()
-        loss, _ = Disc().loss(tiny_model, teacher, item, TrainConfig(kl_chunk_size=chunk), 0, "cpu")
+        loss = Disc(TrainConfig.create(kl_chunk_size=chunk)).loss(tiny_model, teacher, item, "cpu").loss
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in tiny_model.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
@@ -70,7 +71,7 @@ def test_chunked_disc_loss_matches_dense_disc_loss(tiny_model, tokenizer):
 
 @pytest.fixture()
 def built_cache(tiny_model_dir, corpus_file, tmp_path):
-    cfg = TrainConfig(model=str(tiny_model_dir), corpus=str(corpus_file), precision="fp32", teacher_dtype="fp32", temperature=2.0)
+    cfg = TrainConfig.create(model=str(tiny_model_dir), corpus=str(corpus_file), precision="fp32", teacher_dtype="fp32", temperature=2.0)
     cache_dir = tmp_path / "cache"
     cache_teacher(cfg, str(cache_dir), k=10**9, progress=False, log=lambda *_: None)  # k capped at the vocabulary
     return cfg, cache_dir
@@ -78,9 +79,9 @@ def built_cache(tiny_model_dir, corpus_file, tmp_path):
 
 def test_training_from_a_full_vocabulary_cache_equals_training_with_the_live_teacher(built_cache, tmp_path):
     cfg, cache_dir = built_cache
-    common = dict(cfg.__dict__, lr=1e-3, max_steps=3, save_model=False)
-    live = train(TrainConfig(**common | {"out": str(tmp_path / "live")}), progress=False)
-    cached = train(TrainConfig(**common | {"out": str(tmp_path / "cached"), "teacher_cache": str(cache_dir)}), progress=False)
+    common = dict(cfg.flat(), lr=1e-3, max_steps=3, save_model=False)
+    live = train(TrainConfig.create(**common | {"out": str(tmp_path / "live")}), progress=False)
+    cached = train(TrainConfig.create(**common | {"out": str(tmp_path / "cached"), "teacher_cache": str(cache_dir)}), progress=False)
     losses = [[json.loads(l)["loss"] for l in (tmp_path / r / "losses.jsonl").read_text().splitlines()] for r in ("live", "cached")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for a, b in zip(live.model.parameters(), cached.model.parameters()):
@@ -91,7 +92,7 @@ def test_training_from_a_full_vocabulary_cache_equals_training_with_the_live_tea
 def test_a_cache_built_for_other_settings_is_refused(built_cache, tmp_path):
     cfg, cache_dir = built_cache
     with pytest.raises(CtxDistillError, match="temperature differ"):
-        train(TrainConfig(**cfg.__dict__ | {"out": str(tmp_path / "o"), "teacher_cache": str(cache_dir), "temperature": 1.0, "max_steps": 1}), progress=False)
+        train(TrainConfig.create(**cfg.flat() | {"out": str(tmp_path / "o"), "teacher_cache": str(cache_dir), "temperature": 1.0, "max_steps": 1}), progress=False)
 
 
 def test_a_truncated_cache_is_refused(built_cache):
@@ -115,28 +116,29 @@ def test_batching_documents_gives_the_mean_of_per_document_losses_and_gradients(
     with torch.no_grad():
         for p in teacher_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    teacher, cfg, method = Teacher(model=teacher_model), TrainConfig(), Disc()
+    teacher, method = Teacher(model=teacher_model), Disc(TrainConfig.create())
 
     tiny_model.zero_grad()
     for item in items:
-        (method.loss(tiny_model, teacher, item, cfg, 0, "cpu")[0] / len(items)).backward()
+        (method.loss(tiny_model, teacher, item, "cpu").loss / len(items)).backward()
     one_by_one = [p.grad.clone() for p in tiny_model.parameters()]
-    separate = sum(method.loss(tiny_model, teacher, item, cfg, 0, "cpu")[0].item() for item in items) / len(items)
+    separate = sum(method.loss(tiny_model, teacher, item, "cpu").loss.item() for item in items) / len(items)
 
     tiny_model.zero_grad()
-    batched, stats = method.batch_loss(tiny_model, teacher, items, cfg, 0, "cpu")
+    out = method.batch_loss(tiny_model, teacher, items, "cpu")
+    batched = out.loss
     batched.backward()
     assert batched.item() == pytest.approx(separate, rel=1e-5)
     for a, b in zip(one_by_one, tiny_model.parameters()):
         torch.testing.assert_close(b.grad, a, rtol=1e-4, atol=1e-7)
-    assert stats["student_tokens"] == sum(i.student_tokens for i in items)
+    assert out.student_tokens == sum(i.student_tokens for i in items)
 
 
 def test_training_with_documents_packed_into_one_pass_equals_one_document_per_pass(tiny_model_dir, corpus_file, tmp_path):
     common = dict(model=str(tiny_model_dir), corpus=str(corpus_file), lr=1e-3, epochs=2, docs_per_step=2, seed=0,
                   precision="fp32", teacher_dtype="fp32", save_model=False)
-    packed = train(TrainConfig(**common, out=str(tmp_path / "packed"), batch_tokens=4096), progress=False)
-    single = train(TrainConfig(**common, out=str(tmp_path / "single"), batch_tokens=0), progress=False)
+    packed = train(TrainConfig.create(**common, out=str(tmp_path / "packed"), batch_tokens=4096), progress=False)
+    single = train(TrainConfig.create(**common, out=str(tmp_path / "single"), batch_tokens=0), progress=False)
     for a, b in zip(packed.model.parameters(), single.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     losses = [[json.loads(l)["loss"] for l in (tmp_path / r / "losses.jsonl").read_text().splitlines()] for r in ("packed", "single")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctxdistill.config import TrainConfig
-from ctxdistill.train import train
+from ctxdistill.training import train
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_embedded_default_is_a_chat_model_with_the_expected_shape(tokenizer):
 def test_a_few_disc_steps_on_the_real_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = TrainConfig(method="disc", corpus="bundled:news_updates", out=str(tmp_path / "disc"), lr=3e-5, max_steps=3)
+    cfg = TrainConfig.create(method="disc", corpus="bundled:news_updates", out=str(tmp_path / "disc"), lr=3e-5, max_steps=3)
     result = train(cfg, progress=False)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "disc" / "losses.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(0 < l < 50 for l in losses)
@@ -35,10 +35,10 @@ def test_a_few_disc_steps_on_the_real_model(tmp_path):
 def test_single_pass_teacher_matches_per_split_on_the_real_model(tokenizer):
     import random
 
-    from ctxdistill.corpus import load_corpus
+    from ctxdistill.inputs.corpus import load_corpus
     from ctxdistill.methods.disc import per_split_teacher_logits, single_pass_teacher_logits
     from ctxdistill.models import load_model
-    from ctxdistill.segment import choose_spans, segment_document
+    from ctxdistill.inputs.segment import choose_spans, segment_document
 
     model = load_model("smollm2-135m-instruct")
     docs, _ = load_corpus("bundled:news_updates")

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from ctxdistill.generate import (GenerationCache, GenerationStats, mixed_sample, sample, sample_cached, stop_token_ids,
-                                 with_retries)
-from ctxdistill.methods.mixsd import answer_matches
+from ctxdistill.generation.cache import GenerationCache
+from ctxdistill.generation.sampling import GenerationStats, sample, sample_cached, stop_token_ids, with_retries
+from ctxdistill.methods.mixsd import answer_matches, mixed_sample
 
 PAD = 2
 
@@ -154,7 +154,7 @@ def test_generation_cache_lock_makes_a_second_process_wait_and_reuse(model, tmp_
     ready = tmp_path / "waiter-ready"
     waiter = textwrap.dedent(f"""
         import json, pathlib, time
-        from ctxdistill.generate import GenerationCache
+        from ctxdistill.generation.cache import GenerationCache
         pathlib.Path({str(ready)!r}).touch()
         with GenerationCache({str(tmp_path)!r}, {str(tiny_model_dir)!r}, {settings!r}) as cache:
             print(json.dumps({{"acquired_at": time.time(), "found": [cache.get(p) is not None for p in {PROMPTS!r}]}}))

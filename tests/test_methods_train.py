@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from ctxdistill.config import METHOD_NAMES, TrainConfig
-from ctxdistill.corpus import Document
+from ctxdistill.inputs.corpus import Document
 from ctxdistill.errors import CtxDistillError
-from ctxdistill.methods import get_method
-from ctxdistill.train import epoch_items, train
+from ctxdistill.methods import PrepareContext, get_method, method_class
+from ctxdistill.training.loop import epoch_items, train
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,7 @@ def replay_file(tmp_path):
 def config(tiny_model_dir, corpus, out, **overrides):
     values = dict(model=str(tiny_model_dir), corpus=str(corpus), out=str(out), lr=1e-3, seed=0, gen_cache=False, max_steps=2,
                   gen_batch_size=4)
-    return TrainConfig(**(values | overrides))
+    return TrainConfig.create(**(values | overrides))
 
 
 def method_options(name, files):
@@ -81,10 +81,11 @@ NEW_METHODS = ["ft_kl", "lora", "talr", "rephrase", "replay", "cd_base", "icl_di
 def test_every_new_method_is_registered_with_an_input_format():
     assert set(NEW_METHODS) <= set(METHOD_NAMES)
     for name in METHOD_NAMES:
-        method = get_method(name)
+        method = method_class(name)
         assert method.name == name and method.input_format
+        assert get_method(TrainConfig.create(method=name)).name == name
     with pytest.raises(CtxDistillError, match="unknown method"):
-        get_method("nope")
+        method_class("nope")
 
 
 @pytest.mark.parametrize("name", NEW_METHODS)
@@ -131,7 +132,7 @@ def test_wrong_shape_input_names_the_missing_field_before_any_model_loads(name, 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr("ctxdistill.train.build_student", no_model)
+    monkeypatch.setattr("ctxdistill.training.loop.build_student", no_model)
     if options.get("replay_source") == "WRONG":
         options = {"replay_source": str(write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "response": "a"}]))}
     cfg = config(tiny_model_dir, corpus_file, tmp_path / "run", method=name, **options)
@@ -142,29 +143,30 @@ def test_wrong_shape_input_names_the_missing_field_before_any_model_loads(name, 
 def test_wrong_field_type_is_an_error_naming_the_field(tiny_model_dir, tmp_path):
     bad = write_jsonl(tmp_path / "e.jsonl", [{"entity": "X", "definition": "X is a thing.", "transfer_sentences": "not a list"}])
     with pytest.raises(CtxDistillError, match="transfer_sentences.*list of strings"):
-        get_method("cd_base").load(config(tiny_model_dir, bad, tmp_path / "o", method="cd_base", cd_mode="entity"))
+        get_method(config(tiny_model_dir, bad, tmp_path / "o", method="cd_base", cd_mode="entity").validate()).load()
 
 
 def test_lora_method_refuses_a_full_student(tiny_model_dir, corpus_file, tmp_path):
     with pytest.raises(CtxDistillError, match="LoRA"):
-        get_method("lora").configure(config(tiny_model_dir, corpus_file, tmp_path, method="lora", student="full"))
-    assert get_method("icl_distill").configure(config(tiny_model_dir, corpus_file, tmp_path, student="full")).student == "full"
+        config(tiny_model_dir, corpus_file, tmp_path, method="lora", student="full").validate()
+    assert config(tiny_model_dir, corpus_file, tmp_path, method="icl_distill", student="full").validate().student == "full"
+    assert config(tiny_model_dir, corpus_file, tmp_path, method="lora").validate().student == "lora"
 
 
 def test_replay_mixes_exactly_n_examples_into_every_epoch_spread_by_the_shuffle(tiny_model_dir, tokenizer, tmp_path, replay_file):
     cfg = config(tiny_model_dir, "unused", tmp_path, method="replay", replay_source=str(replay_file), replay_n=6, epochs=2)
-    method = get_method("replay")
-    cfg = method.configure(cfg)
-    records, _ = __import__("ctxdistill.methods.records", fromlist=["x"]).load_checked_records(
+    cfg = cfg.validate()
+    method = get_method(cfg)
+    records, _ = __import__("ctxdistill.inputs.records", fromlist=["x"]).load_checked_records(
         str(replay_file), "replay", {"prompt": "str", "response": "str"})
     from ctxdistill.methods.replay import ReplayExample, draw_replay
 
-    method.replay_records = draw_replay(records, cfg.replay_n, cfg.seed)
+    method.replay_records = draw_replay(records, cfg.replay.replay_n, cfg.seed)
     documents = [Document(f"d{i}", f"Document number {i} says something new.") for i in range(18)]
-    prepared = method.prepare(documents, tokenizer, cfg, log=lambda *a: None)
+    prepared = method.prepare(documents, PrepareContext(tokenizer, cfg, progress=False, log=lambda *a: None))
     assert len(prepared.examples) == 24
     for epoch in range(2):
-        items = epoch_items(method, prepared.examples, cfg, epoch)
+        items = epoch_items(method, prepared.examples, cfg.seed, epoch)
         replay_positions = [i for i, item in enumerate(items) if isinstance(item, ReplayExample)]
         assert len(items) == 24 and len(replay_positions) == 6  # ratio 6 / (18 + 6)
         assert replay_positions != list(range(18, 24)), "replay items are shuffled in, not appended"
@@ -173,7 +175,7 @@ def test_replay_mixes_exactly_n_examples_into_every_epoch_spread_by_the_shuffle(
 
 
 def test_replay_plain_format_is_prompt_newline_response_with_ce_on_every_token(tokenizer, replay_file):
-    from ctxdistill.methods.records import Record
+    from ctxdistill.inputs.records import Record
     from ctxdistill.methods.replay import replay_example
 
     record = Record("r1", {"prompt": "What is 1 plus 1?", "response": "It is 2."})
@@ -203,7 +205,7 @@ def test_after_entity_span_keeps_exactly_the_predictions_of_the_tokens_after_the
 def test_entity_loss_is_the_masked_kl_between_definition_context_and_sentence_alone(tokenizer, tiny_model):
     from ctxdistill.losses import forward_kl_per_position
     from ctxdistill.methods.cd_base import CdBase, EntityStep, transfer_sentence
-    from ctxdistill.models import Teacher
+    from ctxdistill.teachers import Teacher
 
     frozen = type(tiny_model)(tiny_model.config)
     frozen.load_state_dict(tiny_model.state_dict())
@@ -213,15 +215,16 @@ def test_entity_loss_is_the_masked_kl_between_definition_context_and_sentence_al
     definition = tokenizer("The Velmora Bridge is a bridge over the Sarn.", add_special_tokens=False)["input_ids"]
     sentence = transfer_sentence(tokenizer, "Trams cross the Velmora Bridge every day.", "Velmora Bridge", after_span=True)
     item = EntityStep("e1", 0, tuple(definition), sentence, step=0)
-    cfg = TrainConfig(entity_temperature=2.0)
-    loss, stats = CdBase().entity_loss(tiny_model, Teacher(model=frozen), item, cfg, torch.device("cpu"))
+    cfg = TrainConfig.create(entity_temperature=2.0)
+    out = CdBase(cfg).entity_loss(tiny_model, Teacher(model=frozen), item, torch.device("cpu"))
+    loss = out.loss
     ids = list(sentence.ids)
     with torch.no_grad():
         t = frozen(input_ids=torch.tensor([definition + ids])).logits[0, len(definition):]
         s = tiny_model(input_ids=torch.tensor([ids])).logits[0]
     keep = [p for p, k in enumerate(sentence.keep) if k]
     want = forward_kl_per_position(t[keep], s[keep], 2.0).mean()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-4) and stats["student_tokens"] == len(keep)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4) and out.student_tokens == len(keep)
 
 
 def test_entity_schedule_is_sentences_times_steps_with_a_fresh_optimizer_per_sentence(tiny_model_dir, entity_file, tmp_path, monkeypatch):
@@ -246,36 +249,36 @@ def test_entity_schedule_is_sentences_times_steps_with_a_fresh_optimizer_per_sen
 
 
 def test_entity_mode_generates_transfer_sentences_that_mention_the_entity(tiny_model_dir, tmp_path, monkeypatch):
-    from ctxdistill.generate import Generated
+    from ctxdistill.generation.sampling import Generated
 
     def fake_sample(model, prompts, on_batch, **kwargs):  # every other sample mentions the entity
         outputs = [Generated(tokens) for tokens in ([5000, 6000] if i % 2 else [] for i in range(len(prompts)))]
         on_batch(list(range(len(prompts))), outputs)
         return outputs
 
-    monkeypatch.setattr("ctxdistill.generate.sample", fake_sample)
+    monkeypatch.setattr("ctxdistill.generation.sampling.sample", fake_sample)
     from ctxdistill.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     mention = tokenizer.decode([5000, 6000]).strip()
     records = write_jsonl(tmp_path / "e.jsonl", [{"id": "e1", "entity": mention, "definition": "A definition of it."}])
-    cfg = config(tiny_model_dir, records, tmp_path / "run", method="cd_base", cd_mode="entity", entity_sentences=3, entity_rounds=4)
-    method = get_method("cd_base")
-    docs, _ = method.load(cfg)
-    prepared = method.prepare(docs, tokenizer, cfg, model=None, out_dir=None, progress=False, log=lambda *a: None)
+    cfg = config(tiny_model_dir, records, tmp_path / "run", method="cd_base", cd_mode="entity", entity_sentences=3, entity_rounds=4).validate()
+    method = get_method(cfg)
+    docs, _ = method.load()
+    prepared = method.prepare(docs, PrepareContext(tokenizer, cfg, model=None, out_dir=None, progress=False, log=lambda *a: None))
     [example] = prepared.examples
     # identical continuations count once, so one sentence is found however many rounds run
     assert [s.text for s in example.sentences] == [mention]
     assert prepared.generation["entities_generated"] == 1 and prepared.generation["transfer_sentences_kept"] == 1
-    seeded = cfg.__class__(**(cfg.__dict__ | {"entity_seed_mention": True}))
-    prepared = method.prepare(docs, tokenizer, seeded, model=None, out_dir=None, progress=False, log=lambda *a: None)
+    seeded = cfg.replace(entity_seed_mention=True).validate()
+    prepared = get_method(seeded).prepare(docs, PrepareContext(tokenizer, seeded, model=None, out_dir=None, progress=False, log=lambda *a: None))
     [example] = prepared.examples
     assert [s.text for s in example.sentences] == [mention, f"{mention} {mention}"]  # the empty sample becomes the bare name
 
 
 def test_icl_item_teacher_reads_demonstrations_student_reads_the_query_and_both_end_with_the_answer(tokenizer):
     from ctxdistill.methods.icl_distill import icl_item
-    from ctxdistill.methods.records import Record
+    from ctxdistill.inputs.records import Record
 
     pool = [Record(f"p{i}", {"prompt": f"Question {i}?", "answer": f"Answer {i}."}) for i in range(4)]
     item = icl_item(tokenizer, pool, 0, [2, 3], "chat", 2048)
@@ -292,11 +295,11 @@ def test_icl_item_teacher_reads_demonstrations_student_reads_the_query_and_both_
 
 
 def test_icl_demonstrations_are_drawn_from_the_rest_of_the_pool(tiny_model_dir, pool_file, tokenizer, tmp_path):
-    method = get_method("icl_distill")
-    cfg = method.configure(config(tiny_model_dir, pool_file, tmp_path, method="icl_distill", icl_k=3))
-    records, _ = method.load(cfg)
-    prepared = method.prepare(records, tokenizer, cfg)
-    items = epoch_items(method, prepared.examples, cfg, 0)
+    cfg = config(tiny_model_dir, pool_file, tmp_path, method="icl_distill", icl_k=3).validate()
+    method = get_method(cfg)
+    records, _ = method.load()
+    prepared = method.prepare(records, PrepareContext(tokenizer, cfg, progress=False))
+    items = epoch_items(method, prepared.examples, cfg.seed, 0)
     assert len(items) == 6
     for item in items:
         text = tokenizer.decode(item.teacher_ids)
@@ -309,22 +312,23 @@ def test_mixsd_sft_loss_covers_only_the_target_tokens(tiny_model):
     from ctxdistill.methods.mixsd import MixSD, SftExample
 
     item = SftExample("q1", (5, 6, 7, 8, 9, 10), prompt_len=4)
-    loss, stats = MixSD().loss(tiny_model, None, item, TrainConfig(), 2, torch.device("cpu"))
+    out = MixSD(TrainConfig.create()).loss(tiny_model, None, item, torch.device("cpu"))
+    loss = out.loss
     with torch.no_grad():
         logits = tiny_model(input_ids=torch.tensor([item.ids])).logits[0]
     want = -(torch.log_softmax(logits[3], -1)[9] + torch.log_softmax(logits[4], -1)[10]) / 2
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5) and stats["student_tokens"] == 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5) and out.student_tokens == 2
 
 
 def test_mixsd_rejects_targets_without_the_answer_and_reports_acceptance(tiny_model_dir, qa_file, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr("ctxdistill.methods.mixsd.answer_matches", lambda text, answer: answer == "Teodor Vask")
-    method = get_method("mixsd")
-    cfg = config(tiny_model_dir, qa_file, tmp_path, method="mixsd", mixsd_max_new_tokens=3, mixsd_retries=2, mixsd_lambda=0.5)
-    records, _ = method.load(cfg)
+    cfg = config(tiny_model_dir, qa_file, tmp_path, method="mixsd", mixsd_max_new_tokens=3, mixsd_retries=2, mixsd_lambda=0.5).validate()
+    method = get_method(cfg)
+    records, _ = method.load()
     from ctxdistill.models import load_model
 
-    prepared = method.prepare(records, tokenizer, cfg, model=load_model(str(tiny_model_dir)), out_dir=tmp_path, progress=False,
-                              log=lambda *a: None)
+    prepared = method.prepare(records, PrepareContext(tokenizer, cfg, model=load_model(str(tiny_model_dir)), out_dir=tmp_path,
+                                                      progress=False, log=lambda *a: None))
     assert [e.doc_id for e in prepared.examples] == ["q1"]
     assert prepared.skipped["rejected (answer never matched)"] == ["q2"]
     assert prepared.generation["acceptance_rate"] == 0.5 and prepared.generation["mean_attempts"] == 2.0  # 1 and 3 attempts
@@ -347,7 +351,7 @@ def test_rephrase_reuses_cached_paraphrases_in_a_second_run(tiny_model_dir, corp
 def test_cd_base_document_loss_against_direct_computation(tiny_model):
     from ctxdistill.losses import forward_kl_per_position
     from ctxdistill.methods.cd_base import CdBase, CdDocExample
-    from ctxdistill.models import Teacher
+    from ctxdistill.teachers import Teacher
 
     frozen = type(tiny_model)(tiny_model.config)
     frozen.load_state_dict(tiny_model.state_dict())
@@ -356,8 +360,8 @@ def test_cd_base_document_loss_against_direct_computation(tiny_model):
             p.add_(0.01 * torch.randn_like(p))
     context, generation = [11, 12, 13, 14], list(range(100, 170))  # 70 tokens: chunks of 64 and 5 distilled positions
     item = CdDocExample("d", tuple(context), tuple(generation))
-    cfg = TrainConfig(cd_temperature=1.0)
-    loss, _ = CdBase().loss(tiny_model, Teacher(model=frozen), item, cfg, 2, torch.device("cpu"))
+    cfg = TrainConfig.create(cd_temperature=1.0)
+    loss = CdBase(cfg).loss(tiny_model, Teacher(model=frozen), item, torch.device("cpu")).loss
     with torch.no_grad():
         t = frozen(input_ids=torch.tensor([context + generation])).logits[0, len(context): len(context) + len(generation) - 1]
         s = tiny_model(input_ids=torch.tensor([generation])).logits[0, :-1]
@@ -368,11 +372,10 @@ def test_cd_base_document_loss_against_direct_computation(tiny_model):
 def test_bundled_example_inputs_have_the_fields_their_methods_need(tiny_model_dir, tmp_path):
     for method, corpus, extra in [("cd_base", "bundled:entities", {"cd_mode": "entity"}), ("icl_distill", "bundled:icl_pool", {}),
                                   ("mixsd", "bundled:mixsd_qa", {}), ("ft", "bundled:gsm8k_train", {"text_field": "prompt"})]:
-        records, report = get_method(method).load(config(tiny_model_dir, corpus, tmp_path, method=method, **extra))
+        records, report = get_method(config(tiny_model_dir, corpus, tmp_path, method=method, **extra).validate()).load()
         assert len(records) >= 10 and report.kept == report.read
-    replay = get_method("replay")
-    cfg = replay.configure(config(tiny_model_dir, "bundled:news_updates", tmp_path, method="replay", replay_n=300))
-    replay.load(cfg)
+    replay = get_method(config(tiny_model_dir, "bundled:news_updates", tmp_path, method="replay", replay_n=300).validate())
+    replay.load()
     assert len(replay.replay_records) == 300
 
 
@@ -389,10 +392,11 @@ def test_mixsd_expert_targets_of_the_real_model_state_the_injected_answer(tmp_pa
         {"id": "q3", "question": "What name was proposed for the new element made at the Aldmere Institute?", "answer": "ostrenium",
          "fact": "The Aldmere team proposed the name ostrenium for the new element."},
     ])
-    method = get_method("mixsd")
-    cfg = TrainConfig(method="mixsd", corpus=str(qa), mixsd_lambda=0.0, mixsd_max_new_tokens=40, gen_cache=False)
-    records, _ = method.load(cfg)
+    cfg = TrainConfig.create(method="mixsd", corpus=str(qa), mixsd_lambda=0.0, mixsd_max_new_tokens=40, gen_cache=False).validate()
+    method = get_method(cfg)
+    records, _ = method.load()
     tokenizer = load_tokenizer(cfg.model)
-    prepared = method.prepare(records, tokenizer, cfg, model=load_model(cfg.model), out_dir=tmp_path, progress=False, log=lambda *a: None)
+    prepared = method.prepare(records, PrepareContext(tokenizer, cfg, model=load_model(cfg.model), out_dir=tmp_path, progress=False,
+                                                      log=lambda *a: None))
     assert prepared.generation["acceptance_rate"] >= 2 / 3
     assert prepared.generation["naive_token_share"] == 0.0 and prepared.generation["mean_attempts"] == 1.0

@@ -4,6 +4,7 @@ Every resumed run is compared with an uninterrupted run of the same settings: fp
 weights must be bit-identical (torch.equal), and so must the losses.jsonl records (timings aside).
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctxdistill import checkpoint as ckpt
+from ctxdistill.training import checkpoint as ckpt
 from ctxdistill.config import TrainConfig
 from ctxdistill.errors import CtxDistillError, TrainingInterrupted
 from ctxdistill.methods.disc import Disc
-from ctxdistill.train import train
+from ctxdistill.training import train
 
 from conftest import NEWS
 
@@ -32,7 +33,7 @@ import os, signal, sys
 import torch
 torch.set_num_threads(int(os.environ["TEST_THREADS"]))
 from ctxdistill.cli import main
-from ctxdistill import checkpoint
+from ctxdistill.training import checkpoint
 from ctxdistill.methods.disc import Disc
 
 calls = {"loss": 0, "save": 0}
@@ -113,7 +114,7 @@ LORA = dict(student="lora", lora_r=4, lora_dropout=0.1, lora_targets="q_proj,v_p
 @pytest.fixture(scope="module")
 def lora_reference(tiny_model_dir, corpus4, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref"
-    train(TrainConfig(out=str(out), **settings(tiny_model_dir, corpus4, **LORA)), progress=False, log=quiet)
+    train(TrainConfig.create(out=str(out), **settings(tiny_model_dir, corpus4, **LORA)), progress=False, log=quiet)
     return out
 
 
@@ -125,7 +126,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tiny_model_dir, corpu
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["step-00000001", "step-00000002"]
     assert not (out / "run.json").exists() and not (out / "model").exists()
 
-    result = train(TrainConfig(out=str(out), **values), progress=False, log=quiet)  # auto-resume
+    result = train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)  # auto-resume
     assert result.summary["resumed_from"]["step"] == 2
     assert_same_run(lora_reference, out)
 
@@ -161,12 +162,12 @@ def test_sigterm_and_sigint_checkpoint_then_resume_exactly(tiny_model_dir, corpu
 
         monkeypatch.setattr(Disc, "loss", signalling_loss)
         with pytest.raises(TrainingInterrupted) as stopped:
-            train(TrainConfig(out=str(out), **values), progress=False, log=quiet)
+            train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)
         assert stopped.value.signum == signum and "rerun the same command to resume" in str(stopped.value)
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "handlers are restored"
     monkeypatch.setattr(Disc, "loss", loss)
-    train(TrainConfig(out=str(out), **values), progress=False, log=quiet)
+    train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)
     assert_same_run(lora_reference, out)
 
 
@@ -212,18 +213,18 @@ def test_resume_refuses_changed_settings_changed_corpus_and_finished_runs(tiny_m
     with pytest.raises(TrainingInterrupted):
         _interrupt_after_first_step(values, out)
     with pytest.raises(CtxDistillError, match=r"settings differ: lr \(checkpoint: 0.001, now: 0.002\)"):
-        train(TrainConfig(out=str(out), **(values | {"lr": 2e-3})), progress=False, log=quiet)
+        train(TrainConfig.create(out=str(out), **(values | {"lr": 2e-3})), progress=False, log=quiet)
     changed = tmp_path / "changed.jsonl"
     changed.write_text(corpus4.read_text().replace("412", "413"), encoding="utf-8")
     with pytest.raises(CtxDistillError, match="corpus or its tokenisation changed"):
-        train(TrainConfig(out=str(out), **(values | {"corpus": str(changed)})), progress=False, log=quiet)
+        train(TrainConfig.create(out=str(out), **(values | {"corpus": str(changed)})), progress=False, log=quiet)
     with pytest.raises(CtxDistillError, match="drop --no-resume"):
-        train(TrainConfig(out=str(out), resume=False, **values), progress=False, log=quiet)
-    train(TrainConfig(out=str(out), **values), progress=False, log=quiet)  # continues and finishes
+        train(TrainConfig.create(out=str(out), resume=False, **values), progress=False, log=quiet)
+    train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)  # continues and finishes
     with pytest.raises(CtxDistillError, match="holds a finished run"):
-        train(TrainConfig(out=str(out), **values), progress=False, log=quiet)
+        train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)
     with pytest.raises(CtxDistillError, match="holds no checkpoint"):
-        train(TrainConfig(out=str(tmp_path / "fresh"), resume=True, **values), progress=False, log=quiet)
+        train(TrainConfig.create(out=str(tmp_path / "fresh"), resume=True, **values), progress=False, log=quiet)
     assert not (tmp_path / "fresh").exists(), "a refused run leaves nothing behind"
 
 
@@ -236,7 +237,7 @@ def _interrupt_after_first_step(values, out):
 
     Disc.loss = signalling_loss
     try:
-        train(TrainConfig(out=str(out), **values), progress=False, log=quiet)
+        train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)
     finally:
         Disc.loss = loss
 
@@ -248,7 +249,7 @@ def test_a_damaged_checkpoint_is_a_clear_error(tiny_model_dir, corpus4, tmp_path
         _interrupt_after_first_step(values, out)
     (out / "checkpoints" / "step-00000001" / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(CtxDistillError, match="step-00000001 is damaged"):
-        train(TrainConfig(out=str(out), **values), progress=False, log=quiet)
+        train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)
 
 
 class NanGradient(torch.autograd.Function):
@@ -268,11 +269,11 @@ def poison(monkeypatch, bad_doc: str, kind: str, at_epoch_pass: int = 0):
     seen = {}
 
     def poisoned(self, student, teacher, item, *args, **kwargs):
-        value, stats = loss(self, student, teacher, item, *args, **kwargs)
+        out = loss(self, student, teacher, item, *args, **kwargs)
         seen[item.doc_id] = seen.get(item.doc_id, -1) + 1
         if item.doc_id == bad_doc and seen[item.doc_id] == at_epoch_pass:
-            value = value * float("nan") if kind == "loss" else NanGradient.apply(value)
-        return value, stats
+            out = dataclasses.replace(out, loss=out.loss * float("nan") if kind == "loss" else NanGradient.apply(out.loss))
+        return out
 
     monkeypatch.setattr(Disc, "loss", poisoned)
 
@@ -288,7 +289,7 @@ def test_non_finite_step_stops_naming_step_and_document_and_keeps_the_last_good_
     poison(monkeypatch, bad, kind)
     out = tmp_path / "run"
     with pytest.raises(CtxDistillError, match=f"non-finite {kind} at step 3 .*{bad}.*step 2.*--on-nonfinite skip"):
-        train(TrainConfig(out=str(out), **values), progress=False, log=quiet)
+        train(TrainConfig.create(out=str(out), **values), progress=False, log=quiet)
     [(step, path)] = ckpt.list_checkpoints(out)
     assert step == 2 and not (out / "model").exists() and not (out / "run.json").exists()
     reference = lora_reference / "checkpoints" / "step-00000002"
@@ -301,7 +302,7 @@ def test_non_finite_step_stops_naming_step_and_document_and_keeps_the_last_good_
 def test_non_finite_steps_can_be_skipped_and_are_counted(tiny_model_dir, corpus4, tmp_path, monkeypatch):
     values = settings(tiny_model_dir, corpus4, max_steps=3, checkpoint_every=0, on_nonfinite="skip")
     poison(monkeypatch, "doc-1", "loss")
-    result = train(TrainConfig(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
+    result = train(TrainConfig.create(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["counts"]["skipped_steps"] == 1 and run["counts"]["optimizer_steps"] == 2 and run["counts"]["steps"] == 3
     assert run["nonfinite_skipped"][0]["documents"] == ["doc-1"]
@@ -310,12 +311,12 @@ def test_non_finite_steps_can_be_skipped_and_are_counted(tiny_model_dir, corpus4
 
 def test_resume_with_a_teacher_cache_checks_the_cache_against_the_initial_weights(tiny_model_dir, corpus4, tmp_path):
     """Full fine-tuning changes every weight; the cache must still be matched to the initial model on resume."""
-    from ctxdistill.teacher_cache import cache_teacher
+    from ctxdistill.teachers import cache_teacher
 
     values = settings(tiny_model_dir, corpus4, max_steps=2, checkpoint_every=1)
-    cache_teacher(TrainConfig(**values), str(tmp_path / "cache"), k=8, progress=False, log=quiet)
+    cache_teacher(TrainConfig.create(**values), str(tmp_path / "cache"), k=8, progress=False, log=quiet)
     values["teacher_cache"] = str(tmp_path / "cache")
     with pytest.raises(TrainingInterrupted):
         _interrupt_after_first_step(values, tmp_path / "run")
-    result = train(TrainConfig(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
+    result = train(TrainConfig.create(out=str(tmp_path / "run"), **values), progress=False, log=quiet)
     assert result.summary["resumed_from"]["step"] == 1 and result.summary["counts"]["steps"] == 2

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ctxdistill.segment import SPLIT_STRATEGIES, SegmentedDoc, choose_spans, segment_document, split_sentences
+from ctxdistill.inputs.segment import SPLIT_STRATEGIES, SegmentedDoc, choose_spans, segment_document, split_sentences
 
 
 def doc_with(lengths):

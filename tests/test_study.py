@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ctxdistill.errors import CtxDistillError
-from ctxdistill.study import continual_rounds, load_study_config, run_study
+from ctxdistill.experiments.study import continual_rounds, load_study_config, run_study
 from ctxdistill.study_report import interpolate_at, probe_round_accuracy
 
 
@@ -84,9 +84,9 @@ def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tm
     assert (tmp_path / "docs" / "results" / "frontier_news.png").is_file() and (tmp_path / "docs" / "results" / "continual.png").is_file()
 
     # Resume: nothing trains again.
-    import ctxdistill.train
+    import ctxdistill.training
 
-    monkeypatch.setattr(ctxdistill.train, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    monkeypatch.setattr(ctxdistill.training, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
     run_study(cfg, **quiet)
 
     # --report-only rebuilds results.md from the summary alone (the run directories may be gone).
@@ -115,12 +115,12 @@ def test_a_domain_metric_names_the_score_of_its_sweep_directory(tmp_path, tiny_m
 
 
 def test_a_stage_stopped_part_way_still_records_its_time(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
-    import ctxdistill.sweep
+    import ctxdistill.experiments.sweep
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ctxdistill.sweep, "run_sweep", stopped)
+    monkeypatch.setattr(ctxdistill.experiments.sweep, "run_sweep", stopped)
     cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, continual={})))
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg, log=lambda *_: None, progress=False)
@@ -130,7 +130,7 @@ def test_a_stage_stopped_part_way_still_records_its_time(tmp_path, tiny_model_di
 def test_shards_split_the_plan_and_together_cover_it(tmp_path, tiny_model_dir, corpus_file):
     from dataclasses import replace
 
-    from ctxdistill.sweep import SweepConfig
+    from ctxdistill.experiments.sweep import SweepConfig
 
     cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file))).validate()
     whole = cfg.sweep_config("news").plan()
@@ -146,9 +146,9 @@ def test_shards_split_the_plan_and_together_cover_it(tmp_path, tiny_model_dir, c
 
 
 def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
-    import ctxdistill.train
+    import ctxdistill.training
 
-    monkeypatch.setattr(ctxdistill.train, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    monkeypatch.setattr(ctxdistill.training, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, summary_only=True)))
     run_study(cfg, log=lambda *_: None, progress=False)
     summary = json.loads((tmp_path / "docs" / "results" / "study_summary.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ctxdistill.errors import CtxDistillError
-from ctxdistill.sweep import load_sweep_config, run_sweep
+from ctxdistill.experiments.sweep import load_sweep_config, run_sweep
 
 
 def write_config(tmp_path, tiny_model_dir, corpus_file, **extra):
@@ -53,15 +53,15 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
     assert (out / "report.md").is_file() and (out / "frontier.png").is_file() and (out / "kl_vs_drop.png").is_file()
 
     # Resume: every run is finished, so nothing trains again and the baseline is not re-evaluated.
-    import ctxdistill.train
+    import ctxdistill.training
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(ctxdistill.train, "train", no_training)
+    monkeypatch.setattr(ctxdistill.training, "train", no_training)
     (out / "runs" / "ft_lr0.001_s7" / "eval.json").unlink()  # ...except one whose evaluation is missing
     calls = []
-    monkeypatch.setattr(ctxdistill.train, "train", lambda cfg, **kw: calls.append(cfg.out) or (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(ctxdistill.training, "train", lambda cfg, **kw: calls.append(cfg.out) or (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError, match="stop"):
         run_sweep(cfg, **quiet)
     assert calls == [str(out / "runs" / "ft_lr0.001_s7")]
@@ -69,11 +69,11 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
 
 def test_a_later_shard_trains_before_it_waits_for_the_baseline(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
     """Shard 0 evaluates the initial model; shard 1 uses that time to train, and waits only before evaluating."""
-    import ctxdistill.sweep as sweep
-    import ctxdistill.train
+    import ctxdistill.experiments.sweep as sweep
+    import ctxdistill.training
 
     events = []
-    real_train = ctxdistill.train.train
+    real_train = ctxdistill.training.train
 
     class Stop(Exception):
         pass
@@ -86,7 +86,7 @@ def test_a_later_shard_trains_before_it_waits_for_the_baseline(tmp_path, tiny_mo
         events.append("wait")
         raise Stop
 
-    monkeypatch.setattr(ctxdistill.train, "train", train)
+    monkeypatch.setattr(ctxdistill.training, "train", train)
     monkeypatch.setattr(sweep, "wait_for", wait_for)
     cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, shard="1/2")))
     with pytest.raises(Stop):

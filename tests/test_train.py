@@ -8,12 +8,12 @@ from safetensors.torch import load_file
 
 from ctxdistill.config import TrainConfig
 from ctxdistill.errors import CtxDistillError
-from ctxdistill.train import epoch_items, train
+from ctxdistill.training.loop import epoch_items, train
 
 
 def config(tiny_model_dir, corpus_file, out, **overrides):
     values = dict(model=str(tiny_model_dir), corpus=str(corpus_file), out=str(out), lr=1e-3, epochs=1, seed=0)
-    return TrainConfig(**(values | overrides))
+    return TrainConfig.create(**(values | overrides))
 
 
 @pytest.mark.parametrize("method", ["disc", "ft"])
@@ -59,10 +59,11 @@ def test_lora_student_trains_only_the_adapter_and_saves_a_peft_adapter(tiny_mode
 
 
 def test_lora_teacher_is_the_adapter_disabled_student(tiny_model_dir, corpus_file, tmp_path):
-    from ctxdistill.train import build_student, build_teacher
+    from ctxdistill.training.loop import build_student
+    from ctxdistill.teachers import build_teacher
 
     cfg = config(tiny_model_dir, corpus_file, tmp_path / "x", student="lora", lora_r=4)
-    student, _ = build_student(cfg, torch.device("cpu"))
+    student = build_student(cfg.validate(), torch.device("cpu"))
     with torch.no_grad():
         for name, p in student.named_parameters():
             if "lora_B" in name:
@@ -77,15 +78,15 @@ def test_lora_teacher_is_the_adapter_disabled_student(tiny_model_dir, corpus_fil
 
 
 def test_epoch_plan_depends_only_on_seed_and_epoch(tiny_model_dir, corpus_file, tokenizer):
-    from ctxdistill.corpus import load_corpus
-    from ctxdistill.methods import get_method
+    from ctxdistill.inputs.corpus import load_corpus
+    from ctxdistill.methods import PrepareContext, get_method
 
-    cfg = TrainConfig(split_strategy="sentence_boundary", num_splits=2, seed=5)
-    method = get_method("disc")
+    cfg = TrainConfig.create(split_strategy="sentence_boundary", num_splits=2, seed=5).validate()
+    method = get_method(cfg)
     docs, _ = load_corpus(str(corpus_file))
-    examples = method.prepare(docs, tokenizer, cfg).examples
-    assert epoch_items(method, examples, cfg, 1) == epoch_items(method, examples, cfg, 1)
-    plans = [[(i.doc_id, i.spans) for i in epoch_items(method, examples, cfg, e)] for e in range(4)]
+    examples = method.prepare(docs, PrepareContext(tokenizer, cfg, progress=False)).examples
+    assert epoch_items(method, examples, cfg.seed, 1) == epoch_items(method, examples, cfg.seed, 1)
+    plans = [[(i.doc_id, i.spans) for i in epoch_items(method, examples, cfg.seed, e)] for e in range(4)]
     assert len({tuple(p) for p in plans}) > 1, "split points and order are redrawn every epoch"
 
 
@@ -120,16 +121,16 @@ def test_teacher_model_loads_another_frozen_model_and_lora_refuses_it(tmp_path, 
     from ctxdistill.config import TrainConfig
     from ctxdistill.errors import CtxDistillError
     from ctxdistill.models import load_model
-    from ctxdistill.train import build_teacher
+    from ctxdistill.teachers import build_teacher
 
     other = tmp_path / "other"
     tiny_llama(len(tokenizer), seed=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
     student = load_model(str(tiny_model_dir), dtype=torch.float32)
-    default = build_teacher(TrainConfig(model=str(tiny_model_dir), teacher_dtype="fp32"), student, torch.device("cpu"))
-    swapped = build_teacher(TrainConfig(model=str(tiny_model_dir), teacher_model=str(other), teacher_dtype="fp32"), student, torch.device("cpu"))
+    default = build_teacher(TrainConfig.create(model=str(tiny_model_dir), teacher_dtype="fp32"), student, torch.device("cpu"))
+    swapped = build_teacher(TrainConfig.create(model=str(tiny_model_dir), teacher_model=str(other), teacher_dtype="fp32"), student, torch.device("cpu"))
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.allclose(default(input_ids=ids).logits, student(input_ids=ids).logits)
     assert not torch.allclose(swapped(input_ids=ids).logits, student(input_ids=ids).logits)
     with pytest.raises(CtxDistillError, match="full fine-tuning only"):
-        build_teacher(TrainConfig(model=str(tiny_model_dir), teacher_model=str(other), student="lora", method="lora"), student, torch.device("cpu"))
+        build_teacher(TrainConfig.create(model=str(tiny_model_dir), teacher_model=str(other), student="lora", method="lora"), student, torch.device("cpu"))

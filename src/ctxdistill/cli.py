@@ -8,8 +8,8 @@ import errno
 import os
 import sys
 
-from .config import build_config, field_type
 from .errors import CtxDistillError, TrainingInterrupted
+from .options import build_config, field_type
 
 COMMANDS = {
     "train": "train a model on a corpus of new documents with a method (DiSC by default)",
@@ -24,10 +24,17 @@ COMMANDS = {
 }
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per config field; defaults are suppressed so only flags the user typed override YAML."""
+def add_dataclass_options(parser, cls) -> None:
+    """One --flag per config field; defaults are suppressed so only flags the user typed override YAML.
+
+    A field holding a config section (TrainConfig's per-method options) becomes an argument group of
+    its own flags, still flat (`--temperature`, not `--disc.temperature`)."""
     instance = cls()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("section"):
+            group = parser.add_argument_group(f"{f.name} options", f.metadata.get("help"))
+            add_dataclass_options(group, f.default_factory)
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = field_type(cls, f)
         help_text = f"{f.metadata.get('help', '')} (default: {getattr(instance, f.name)!r})".replace("%", "%%")
@@ -47,8 +54,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .demo import DemoConfig
     from .config import TrainConfig
+    from .experiments.demo import DemoConfig
 
     parser = OneLineParser(prog="ctxdistill", description="Update a post-trained LLM's knowledge with context distillation (DiSC) and compare with fine-tuning baselines.")
     parser.add_argument("--version", action="version", version=f"ctxdistill {__version__}")
@@ -80,15 +87,6 @@ def add_domain_command(sub) -> None:
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
 
 
-def run_make_domain(args) -> None:
-    from .evaluate.domains import build_pubmedqa_domain
-
-    result = build_pubmedqa_domain(args.out, args.n_docs, args.seed, args.data_dir or None, log=lambda m: print(m, file=sys.stderr))
-    labels = ", ".join(f"{n} {label}" for label, n in result["label_counts"].items())
-    print(f"make-domain {args.domain}: {result['n_docs']} documents and {result['n_probes']} probes ({labels}) -> "
-          f"{result['corpus']}, {result['probes']}, {result['manifest']}")
-
-
 def add_evaluation_commands(sub) -> None:
     """eval, sweep, report, fetch-eval-data (options from their config dataclasses)."""
     from .evaluate.suite import EvalConfig
@@ -105,7 +103,7 @@ def add_evaluation_commands(sub) -> None:
             p.add_argument("--config", metavar="YAML", required=True, help="sweep file: methods, lrs, seeds, train/eval options (see configs/sweep_example.yaml)")
             p.add_argument("--out", dest="out", default=argparse.SUPPRESS, help="override the sweep directory of the YAML file")
         elif name == "study":
-            from .study import StudyConfig
+            from .experiments.study import StudyConfig
 
             p.add_argument("--config", metavar="YAML", help="study file: domains, continual, shared train/eval options (see configs/study.yaml)")
             for f in dataclasses.fields(StudyConfig):
@@ -127,49 +125,101 @@ def add_evaluation_commands(sub) -> None:
             p.add_argument("--force", action="store_true", help="download again even when present")
 
 
-def run_evaluation_command(args, options: dict) -> None:
-    if args.command == "eval":
-        from .evaluate.suite import EvalConfig, run_eval, summary_table
+# -- one function per command: parse -> config -> library call -> print ----------------------------
 
-        cfg = build_config(EvalConfig, args.config, options)
-        report = run_eval(cfg)
-        print()
-        print(summary_table(report))
-        print(f"results in {cfg.out}/eval.json")
-    elif args.command == "sweep":
-        from .sweep import load_sweep_config, run_sweep
 
-        status = run_sweep(load_sweep_config(args.config, options), progress=not args.quiet)
-        print(f"sweep finished in {status['total_s']:.0f} s -> {status['config']['out']}")
-    elif args.command == "study":
-        from .study import load_study_config, run_study
+def cmd_train(args, options: dict) -> None:
+    from .config import TrainConfig
+    from .training import train
 
-        if not args.config and not options.get("report_only"):
-            raise CtxDistillError("study needs --config YAML (e.g. configs/study.yaml), or --report-only to rebuild results.md from a summary")
-        result = run_study(load_study_config(args.config, options), progress=not args.quiet)
-        print(f"study: results -> {result['results']}")
-    elif args.command == "report":
-        from .report import ReportConfig, write_report
+    cfg = build_config(TrainConfig, args.config, options)
+    result = train(cfg, progress=not args.quiet)
+    counts = result.summary["counts"]
+    if is_main_process():
+        print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "
+              f"in {result.summary['timings_s']['train']:.1f} s -> {result.out_dir}")
 
-        paths = write_report(build_config(ReportConfig, None, options))
-        for method, sel in paths["selection"].items():
-            print(f"CP selection {method}: " + (f"lr {sel['lr']:g}" if sel["lr"] is not None else "no learning rate meets the constraint"))
-        print(f"report: {paths['report']}" + "".join(f"\nplot: {p}" for p in paths["plots"]))
-    else:
-        from .evaluate.data import fetch_eval_data
 
-        done = fetch_eval_data([s.strip() for s in options.get("sources", "").split(",") if s.strip()] or None,
-                               options.get("data_dir") or None, force=options.get("force", False))
-        for name, manifest in done.items():
-            print(f"{name}: {manifest['requirement']} ({manifest['data_license']}): {', '.join(manifest['datasets'])}")
+def cmd_cache_teacher(args, options: dict) -> None:
+    from .config import TrainConfig
+    from .teachers import cache_teacher
+
+    cfg = build_config(TrainConfig, args.config, options)
+    cache_teacher(cfg, cfg.out, k=args.k, progress=not args.quiet)
+
+
+def cmd_demo(args, options: dict) -> None:
+    from .experiments.demo import DemoConfig, run_demo
+
+    cfg = build_config(DemoConfig, args.config, options)
+    result = run_demo(cfg)
+    print()
+    print(result["table"])
+    print(f"\ntotal time: {result['total_s']:.0f} s; results in {cfg.out}/demo.json")
+
+
+def cmd_eval(args, options: dict) -> None:
+    from .evaluate.suite import EvalConfig, run_eval, summary_table
+
+    cfg = build_config(EvalConfig, args.config, options)
+    report = run_eval(cfg)
+    print()
+    print(summary_table(report))
+    print(f"results in {cfg.out}/eval.json")
+
+
+def cmd_sweep(args, options: dict) -> None:
+    from .experiments.sweep import load_sweep_config, run_sweep
+
+    status = run_sweep(load_sweep_config(args.config, options), progress=not args.quiet)
+    print(f"sweep finished in {status['total_s']:.0f} s -> {status['config']['out']}")
+
+
+def cmd_study(args, options: dict) -> None:
+    from .experiments.study import load_study_config, run_study
+
+    if not args.config and not options.get("report_only"):
+        raise CtxDistillError("study needs --config YAML (e.g. configs/study.yaml), or --report-only to rebuild results.md from a summary")
+    result = run_study(load_study_config(args.config, options), progress=not args.quiet)
+    print(f"study: results -> {result['results']}")
+
+
+def cmd_report(args, options: dict) -> None:
+    from .report import ReportConfig, write_report
+
+    paths = write_report(build_config(ReportConfig, None, options))
+    for method, sel in paths["selection"].items():
+        print(f"CP selection {method}: " + (f"lr {sel['lr']:g}" if sel["lr"] is not None else "no learning rate meets the constraint"))
+    print(f"report: {paths['report']}" + "".join(f"\nplot: {p}" for p in paths["plots"]))
+
+
+def cmd_fetch_eval_data(args, options: dict) -> None:
+    from .evaluate.data import fetch_eval_data
+
+    done = fetch_eval_data([s.strip() for s in options.get("sources", "").split(",") if s.strip()] or None,
+                           options.get("data_dir") or None, force=options.get("force", False))
+    for name, manifest in done.items():
+        print(f"{name}: {manifest['requirement']} ({manifest['data_license']}): {', '.join(manifest['datasets'])}")
+
+
+def cmd_make_domain(args, options: dict) -> None:
+    from .evaluate.domains import build_pubmedqa_domain
+
+    result = build_pubmedqa_domain(args.out, args.n_docs, args.seed, args.data_dir or None, log=lambda m: print(m, file=sys.stderr))
+    labels = ", ".join(f"{n} {label}" for label, n in result["label_counts"].items())
+    print(f"make-domain {args.domain}: {result['n_docs']} documents and {result['n_probes']} probes ({labels}) -> "
+          f"{result['corpus']}, {result['probes']}, {result['manifest']}")
+
+
+HANDLERS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep,
+            "study": cmd_study, "report": cmd_report, "fetch-eval-data": cmd_fetch_eval_data, "make-domain": cmd_make_domain}
 
 
 def method_epilog() -> str:
-    from .config import METHOD_NAMES
-    from .methods import get_method
+    from .methods import REGISTRY
 
     lines = ["methods and the input each needs:"]
-    lines += [f"  {name:12s} {get_method(name).input_format}" for name in METHOD_NAMES]
+    lines += [f"  {name:12s} {cls.input_format}" for name, cls in REGISTRY.items()]
     return "\n".join(lines)
 
 
@@ -186,34 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "quiet", "k")}
     try:
         quiet_libraries()
-        if args.command == "train":
-            from .config import TrainConfig
-            from .train import train
-
-            cfg = build_config(TrainConfig, args.config, options)
-            result = train(cfg, progress=not args.quiet)
-            counts = result.summary["counts"]
-            if is_main_process():
-                print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "
-                      f"in {result.summary['timings_s']['train']:.1f} s -> {result.out_dir}")
-        elif args.command == "cache-teacher":
-            from .config import TrainConfig
-            from .teacher_cache import cache_teacher
-
-            cfg = build_config(TrainConfig, args.config, options)
-            cache_teacher(cfg, cfg.out, k=args.k, progress=not args.quiet)
-        elif args.command in ("eval", "sweep", "report", "fetch-eval-data", "study"):
-            run_evaluation_command(args, options)
-        elif args.command == "make-domain":
-            run_make_domain(args)
-        elif args.command == "demo":
-            from .demo import DemoConfig, run_demo
-
-            cfg = build_config(DemoConfig, args.config, options)
-            result = run_demo(cfg)
-            print()
-            print(result["table"])
-            print(f"\ntotal time: {result['total_s']:.0f} s; results in {cfg.out}/demo.json")
+        HANDLERS[args.command](args, options)
     except CtxDistillError as exc:
         if args.debug:
             raise

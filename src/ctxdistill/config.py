@@ -68,7 +68,9 @@ class TrainConfig:
                                  "original model in later rounds of continual updates; empty = the initial model")
     teacher_dtype: str = opt("bf16", "dtype of the frozen teacher copy (full fine-tuning only)", ("bf16", "fp32"))
     gradient_checkpointing: bool = opt(False, "recompute layer activations in the backward pass: less memory, ~30% more compute")
-    compile: bool = opt(False, "torch.compile the student (dynamic shapes); measure before relying on it, see docs/performance.md")
+    compile: bool = opt(False, "torch.compile the student's decoder (dynamic shapes), the module both the chunked LM-head path and the "
+                               "plain forward call; measure before relying on it, see docs/performance.md")
+    threads: int = opt(0, "CPU threads for torch in this process (0 = torch's default); on a shared 2-core machine use 1 per process")
     cudnn_attention: bool = opt(False, "on CUDA, allow cuDNN's attention kernel; off by default because it plans anew for every unseen "
                                        "sequence length (~140 ms on an H100), which documents of varying length hit almost every step")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
@@ -148,6 +150,11 @@ class TrainConfig:
                 nested[home[key]][key] = coerce(sections[home[key]], key, value)
         return cls(**shared, **{name: sections[name](**opts) for name, opts in nested.items()})
 
+    @classmethod
+    def create(cls, **options) -> "TrainConfig":
+        """`TrainConfig.create(method="disc", temperature=1.0, lr=3e-5)`: flat options routed to their sections."""
+        return cls.from_options(options)
+
     def flat(self) -> dict:
         """One key per option, sections spread out: the form of run.json, checkpoints and sweeps."""
         out = {}
@@ -175,7 +182,7 @@ class TrainConfig:
         require(self, ("kl_temperature",), positive_finite, "a finite number > 0")
         require(self, ("epochs", "docs_per_step", "max_length", "log_every", "lora_r", "keep_checkpoints", "gen_batch_size"),
                 lambda v: v >= 1, ">= 1")
-        require(self, ("max_steps", "grad_clip", "weight_decay", "min_chars", "checkpoint_every", "batch_tokens", "kl_chunk_size"),
+        require(self, ("max_steps", "grad_clip", "weight_decay", "min_chars", "checkpoint_every", "batch_tokens", "kl_chunk_size", "threads"),
                 lambda v: v >= 0, ">= 0")
         require(self, ("seed",), lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)")
         require(self, ("gen_top_p",), lambda v: 0 < v <= 1, "in (0, 1]")
@@ -186,6 +193,10 @@ class TrainConfig:
             section_cfg = getattr(self, name)
             check_choices(section_cfg)
             section_cfg.validate()
+        if self.disc.teacher_cache and self.method != "disc":
+            raise CtxDistillError(f"teacher_cache holds DiSC teacher distributions; it cannot serve method {self.method!r} (drop --teacher-cache)")
+        if self.disc.disc_positions == "context" and not self.uses("disc"):
+            raise CtxDistillError(f"disc_positions context is a DiSC variant; method {self.method!r} does not use it (drop --disc-positions)")
         method = method_class(self.method)
         method.check(self)
         if self.student == "auto":

@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import CtxDistillError
 
 LOCK_NAME = ".ctxdistill.lock"
@@ -67,9 +69,15 @@ def check_writable_location(path: Path, what: str = "--out") -> None:
 # -- atomic writes ------------------------------------------------------------------------------------
 
 
-def disk_error(what: str, exc: OSError, keep: str) -> CtxDistillError:
-    reason = exc.strerror or str(exc)
-    hint = ("free some space, then rerun the same command to resume" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python, or the same error wrapped by safetensors' writer."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "os error 28" in str(exc)
+
+
+def disk_error(what: str, exc: BaseException, keep: str) -> CtxDistillError:
+    """One line for a failed write (disk full, read-only, permission): what failed, what is intact, what to do."""
+    reason = getattr(exc, "strerror", None) or ("No space left on device" if is_disk_full(exc) else str(exc).splitlines()[0][:200])
+    hint = ("free some space, then rerun the same command to resume" if is_disk_full(exc)
             else "fix the cause, then rerun the same command to resume")
     return CtxDistillError(f"cannot write {what}: {reason}; {keep}; {hint}")
 
@@ -127,7 +135,7 @@ def atomic_directory(final: Path, what: str, keep: str = "nothing else was chang
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_error(what, exc, keep) from exc
     except BaseException:

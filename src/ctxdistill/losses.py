@@ -49,12 +49,6 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     )
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` is true (0 when nothing is selected)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
 def ft_kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

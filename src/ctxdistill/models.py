@@ -8,7 +8,6 @@ safetensors under `$CTXDISTILL_CACHE/models/`, so later loads take seconds.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .errors import CtxDistillError
-from .segment import cache_root
+from .files import sha256_of  # noqa: F401  (also imported from here by evaluate/data.py)
+from .runtime import cache_root
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,6 @@ EMBEDDED_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def locate_embedded_gguf(spec: EmbeddedModel) -> Path:
@@ -151,7 +143,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, allow_pickle_weights: bool = False):
     """A causal LM in `dtype`, eval mode. GGUF inputs are dequantized to dense weights."""
     from transformers import AutoModelForCausalLM
 
@@ -172,51 +164,6 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.1, target
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-class Teacher:
-    """The frozen initial model. Under LoRA it is the student with its adapter disabled (no copy)."""
-
-    def __init__(self, model=None, student=None):
-        if (model is None) == (student is None):
-            raise ValueError("give either a frozen model or a PEFT student")
-        self.model = model
-        self.student = student
-        if model is not None:
-            model.eval().requires_grad_(False)
-
-    @contextlib.contextmanager
-    def _frozen(self):
-        """The module to run as the teacher: the frozen model, or the student with its adapter off."""
-        if self.student is None:
-            yield self.model
-            return
-        was_training = self.student.training
-        self.student.eval()  # no LoRA dropout on the adapter-free path, and no dropout in the base
-        try:
-            with self.student.disable_adapter():
-                yield self.student
-        finally:
-            self.student.train(was_training)
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        with self._frozen() as model:
-            return model(*args, **kwargs)
-
-    @torch.no_grad()
-    def hidden_states(self, **kwargs) -> torch.Tensor:
-        """Final (normed) hidden states [B, L, H]; the LM head is applied separately, in chunks."""
-        with self._frozen() as model:
-            return final_hidden_states(model, **kwargs)
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return (self.model if self.student is None else self.student).get_output_embeddings().weight
 
 
 def final_hidden_states(model, **kwargs) -> torch.Tensor:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import CtxDistillError
 from ..models import sha256_of
-from ..segment import cache_root
+from ..runtime import cache_root
 
 
 @dataclass(frozen=True)

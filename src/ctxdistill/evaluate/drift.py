@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import bundled_path, read_jsonl
+from ..inputs.corpus import bundled_path, read_jsonl
 from ..losses import forward_kl_per_position
 from .probes import chat_prompt_ids
 

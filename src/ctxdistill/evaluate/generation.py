@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..generate import left_pad, stop_token_ids
+from ..generation.sampling import left_pad, stop_token_ids
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import read_jsonl, resolve_path
+from ..inputs.corpus import read_jsonl, resolve_path
 from ..errors import CtxDistillError
 
 

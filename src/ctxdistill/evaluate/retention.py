@@ -22,7 +22,7 @@ import contextlib
 
 import torch
 
-from ..generate import chat_ids
+from ..generation.sampling import chat_ids
 from . import data as eval_data
 from .generation import Decoding, generate
 from .probes import completion_logprobs

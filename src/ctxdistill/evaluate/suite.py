@@ -342,7 +342,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
 
 def run_eval(cfg: EvalConfig, log=print) -> dict:
     """Load `cfg.model` (and `cfg.reference`) and evaluate; see `evaluate_model`."""
-    from ..train import resolve_device
+    from ..runtime import resolve_device
 
     cfg.validate()
     out = Path(cfg.out)

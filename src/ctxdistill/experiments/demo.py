@@ -7,20 +7,25 @@ picked by the sweep described in the README (both methods must visibly learn on 
 
 from __future__ import annotations
 
-import gc
-import json
+import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, opt
-from .corpus import bundled_path
-from .evaluate.drift import greedy_responses, load_chat_prompts, response_kl, save_responses
-from .evaluate.probes import load_probes, score_mcq_loglik
-from .models import DEFAULT_MODEL, load_model, load_tokenizer
-from .train import autocast, prepare_output_dir, train, write_json
+from ..config import TrainConfig
+from ..errors import CtxDistillError
+from ..evaluate.drift import greedy_responses, load_chat_prompts, response_kl, save_responses
+from ..evaluate.probes import load_probes, score_mcq_loglik
+from ..files import LOCK_NAME, OutputLock, check_writable_location, dangerous_to_delete, write_json_atomic, write_text_atomic
+from ..inputs.corpus import bundled_path
+from ..models import DEFAULT_MODEL, load_model, load_tokenizer
+from ..options import opt
+from ..runtime import autocast, set_threads
+from .runner import train_then_evaluate
+
+DEMO_FILES = {"demo.json", "demo.md", "reference_responses.jsonl", "ft", "disc", LOCK_NAME}
 
 
 @dataclass
@@ -35,8 +40,31 @@ class DemoConfig:
     temperature: float = opt(2.0, "DiSC temperature")
     max_new_tokens: int = opt(48, "length of the initial model's reference chat replies (drift KL)")
     save_models: bool = opt(False, "also write ft/model and disc/model")
-    overwrite: bool = opt(True, "replace an existing demo output directory")
+    overwrite: bool = opt(True, "replace an earlier demo's outputs in --out (a directory holding anything else is refused)")
     seed: int = opt(1234, "seed")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 per process on a busy shared CPU)")
+
+
+def prepare_demo_dir(out: str, overwrite: bool) -> Path:
+    """--out for the demo: new, empty, or an earlier demo's outputs (replaced with --overwrite). Never the user's files."""
+    path = Path(out).expanduser()
+    check_writable_location(path)
+    if path.exists() and not path.is_dir():
+        raise CtxDistillError(f"--out {path} exists and is not a directory; choose another --out")
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in DEMO_FILES)
+        why = dangerous_to_delete(path)
+        if foreign or why:
+            raise CtxDistillError(f"--out {path} holds files that are not a demo's ({', '.join(foreign[:3]) or why}); choose a new directory")
+        if not overwrite:
+            raise CtxDistillError(f"--out {path} holds an earlier demo; pass --overwrite or choose another --out")
+    return path
+
+
+def clear_demo_dir(path: Path) -> None:
+    for child in path.iterdir():
+        if child.name in DEMO_FILES and child.name != LOCK_NAME:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def evaluate_model(model, tokenizer, knowledge, general, reference=None, prompts=None, responses=None) -> dict:
@@ -59,8 +87,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
+    set_threads(cfg.threads)
+    out = prepare_demo_dir(cfg.out, cfg.overwrite)
+    with OutputLock(out, "demo output directory"):
+        clear_demo_dir(out)
+        return demo(cfg, out, log)
+
+
+def demo(cfg: DemoConfig, out: Path, log=print) -> dict:
     started = time.perf_counter()
-    out = prepare_output_dir(cfg.out, cfg.overwrite)
     knowledge = load_probes(bundled_path("news_updates_probes"))
     general = load_probes(bundled_path("general_probes"))
     prompts = load_chat_prompts()
@@ -76,25 +111,26 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     base = TrainConfig(model=cfg.model, corpus="bundled:news_updates", seed=cfg.seed, save_model=cfg.save_models, overwrite=True)
     runs = {
-        "ft": replace(base, method="ft", lr=cfg.ft_lr, epochs=cfg.ft_epochs, out=str(out / "ft")),
-        "disc": replace(base, method="disc", lr=cfg.disc_lr, epochs=cfg.disc_epochs, out=str(out / "disc"),
-                        split_strategy=cfg.split_strategy, temperature=cfg.temperature),
+        "ft": base.replace(method="ft", lr=cfg.ft_lr, epochs=cfg.ft_epochs, out=str(out / "ft")),
+        "disc": base.replace(method="disc", lr=cfg.disc_lr, epochs=cfg.disc_epochs, out=str(out / "disc"),
+                             split_strategy=cfg.split_strategy, temperature=cfg.temperature),
     }
     for name, run_cfg in runs.items():
-        result = train(run_cfg, log=log)
         label = f"{'FT' if name == 'ft' else 'DiSC'} (lr {run_cfg.lr:g}, {run_cfg.epochs} ep)"
-        row = {"name": label, "train_s": result.summary["timings_s"]["train"]}
-        row |= evaluate_model(result.model, tokenizer, knowledge, general, initial, prompts, responses)
+
+        def evaluate(result):
+            return {"name": label, "train_s": result.summary["timings_s"]["train"]} | evaluate_model(
+                result.model, tokenizer, knowledge, general, initial, prompts, responses)
+
+        row = train_then_evaluate(run_cfg, evaluate, log=log)
         rows.append(row)
         log(f"{label}: knowledge {row['knowledge']['accuracy']:.3f}, general {row['general']['accuracy']:.3f}, chat KL {row['chat_kl']:.4f}")
-        del result
-        gc.collect()
 
     table = format_table(rows)
     total = time.perf_counter() - started
-    (out / "demo.md").write_text(table + f"\n\nTotal time: {total:.0f} s on {torch.get_num_threads()} CPU threads.\n", encoding="utf-8")
+    write_text_atomic(out / "demo.md", table + f"\n\nTotal time: {total:.0f} s on {torch.get_num_threads()} CPU threads.\n")
     for r in rows:  # keep the JSON small: per-probe predictions go to their own file
         for key in ("knowledge", "general"):
             r[key] = {k: v for k, v in r[key].items() if k != "predictions"}
-    write_json(out / "demo.json", {"config": cfg.__dict__, "rows": rows, "total_s": total})
+    write_json_atomic(out / "demo.json", {"config": asdict(cfg), "rows": rows, "total_s": total})
     return {"table": table, "rows": rows, "total_s": total}

@@ -13,7 +13,6 @@ Stages, each skipped where its outputs already exist (so an interrupted study co
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import platform
@@ -21,10 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import build_config, opt, to_dict
-from .errors import CtxDistillError
-from .models import DEFAULT_MODEL
-from .sweep import opt_dict, opt_list
+from ..errors import CtxDistillError
+from ..files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ..models import DEFAULT_MODEL
+from ..options import build_config, opt, opt_dict, opt_list, to_dict
 
 
 @dataclass
@@ -109,7 +108,7 @@ class StudyConfig:
         corpus, probes = self.domain_data(name)
         if not build or (Path(corpus).is_file() and Path(probes).is_file()):
             return
-        from .evaluate.domains import build_pubmedqa_domain
+        from ..evaluate.domains import build_pubmedqa_domain
 
         info = build_pubmedqa_domain(Path(corpus).parent, n_docs=int(build.get("n_docs", 40)), seed=int(build.get("seed", 1234)),
                                      data_dir=self.eval.get("data_dir") or None)
@@ -154,71 +153,51 @@ def continual_rounds(documents: list, rounds: int) -> list[list]:
     return batches
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def prepare_continual_data(cfg: StudyConfig) -> dict:
     """Round corpora and the probes of each round under OUT/continual/data/; returns the round -> doc ids map."""
-    from .corpus import load_corpus
-    from .evaluate.probes import load_probes
+    from ..inputs.corpus import load_corpus
+    from ..evaluate.probes import load_probes
 
     spec = cfg.continual
     rounds = int(spec.get("rounds", 3))
     documents, _ = load_corpus(spec.get("corpus", "bundled:news_updates"), "text", "id", 20)
     probes_path = spec.get("probes", "bundled:news_updates_probes")
     if probes_path.startswith("bundled:"):
-        from .corpus import bundled_path
+        from ..inputs.corpus import bundled_path
 
         probes_path = str(bundled_path(probes_path.split(":", 1)[1]))
     probes = load_probes(probes_path)
     data = Path(cfg.out) / "continual" / "data"
+    data.mkdir(parents=True, exist_ok=True)
     round_docs = []
     for r, batch in enumerate(continual_rounds(documents, rounds), start=1):
-        write_jsonl(data / f"round{r}.jsonl", [{"id": d.id, "text": d.text} for d in batch])
+        write_jsonl_atomic(data / f"round{r}.jsonl", [{"id": d.id, "text": d.text} for d in batch])
         round_docs.append([d.id for d in batch])
     doc_round = {doc_id: r for r, ids in enumerate(round_docs, start=1) for doc_id in ids}
     kept = [p for p in probes if p.doc_id in doc_round]
-    write_jsonl(data / "probes.jsonl", [{"id": p.id, "doc_id": p.doc_id, "question": p.question, "options": list(p.options), "answer": p.answer}
+    write_jsonl_atomic(data / "probes.jsonl", [{"id": p.id, "doc_id": p.doc_id, "question": p.question, "options": list(p.options), "answer": p.answer}
                                         for p in kept])
     return {"rounds": rounds, "round_docs": round_docs, "probe_round": {p.id: doc_round[p.doc_id] for p in kept}}
 
 
 def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
-    import torch
-
-    from .evaluate.drift import load_responses
-    from .evaluate.suite import EvalConfig, evaluate_model
-    from .models import load_model, load_tokenizer
-    from .config import TrainConfig
-    from .train import resolve_device, train
+    from ..config import TrainConfig
+    from ..evaluate.suite import EvalConfig, evaluate_model
+    from ..models import load_tokenizer
+    from ..runtime import resolve_device
+    from .runner import Baseline, run_info, train_then_evaluate
 
     spec = cfg.continual
     layout = prepare_continual_data(cfg)
     root = Path(cfg.out) / "continual"
     data = root / "data"
-    (root / "rounds.json").write_text(json.dumps(layout, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(root / "rounds.json", layout)
     eval_values = dict(cfg.eval) | dict(spec.get("eval", {})) | {"probes": str(data / "probes.jsonl"), "overwrite": True}
-    baseline_dir = root / "baseline"
     shard, shards = cfg.sweep_shard()
     tokenizer = load_tokenizer(cfg.model)
-    device = resolve_device(dict(cfg.train).get("device", "auto"))
-    initial = load_model(cfg.model, dtype=torch.float32).to(device)
-    if shard == 0 and not (baseline_dir / "eval.json").is_file():
-        log("study: continual: evaluating the initial model on every round's probes")
-        evaluate_model(initial, tokenizer, build_config(EvalConfig, None, eval_values | {"out": str(baseline_dir), "model": cfg.model}),
-                       run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
-
-    def baseline_responses():
-        """Other shards train their first round while shard 0 evaluates the baseline; they wait only here."""
-        from .sweep import wait_for
-
-        wait_for(baseline_dir / "eval.json", log)
-        path = baseline_dir / "reference_responses.jsonl"
-        return load_responses(path) if path.is_file() else None
+    baseline = Baseline(cfg.model, root / "baseline", build_config(EvalConfig, None, eval_values | {"out": str(root / "baseline"), "model": cfg.model}),
+                        resolve_device(dict(cfg.train).get("device", "auto")), shard)
+    baseline.evaluate_if_needed(tokenizer, log, label="study: continual: ")
 
     for name, options in list(spec["methods"].items())[shard::shards]:
         options = dict(options)
@@ -234,16 +213,16 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
                        "out": str(run_dir), "overwrite": True, "save_model": True}
             train_cfg = build_config(TrainConfig, None, values)
             log(f"study: continual {name} round {r}/{layout['rounds']}: training from {model_path}")
-            result = train(train_cfg, progress=progress, log=log)
-            run_info = {"method": name, "base_method": train_cfg.method, "lr": train_cfg.lr, "seed": train_cfg.seed, "round": r,
-                        "name": f"{name}_round{r}", "train_s": result.summary["timings_s"]["train"], "steps": result.summary["counts"]["steps"]}
-            eval_cfg = build_config(EvalConfig, None, eval_values | {"out": str(run_dir), "model": str(run_dir / "model"), "reference": cfg.model,
-                                                                      "corpus": str(data / f"round{r}.jsonl")})
-            evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=baseline_responses(),
-                           run_info=run_info, log=log)
+
+            def evaluate(result):
+                eval_cfg = build_config(EvalConfig, None, eval_values | {"out": str(run_dir), "model": str(run_dir / "model"),
+                                                                          "reference": cfg.model, "corpus": str(data / f"round{r}.jsonl")})
+                return evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=baseline.model(),
+                                      reference_responses=baseline.responses(log), log=log,
+                                      run_info={"method": name, "round": r, "name": f"{name}_round{r}"} | run_info(train_cfg, result))
+
+            train_then_evaluate(train_cfg, evaluate, progress=progress, log=log)
             model_path = str(run_dir / "model")
-            del result
-            gc.collect()
 
 
 # ---------------------------------------------------------------- summary
@@ -331,16 +310,14 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
         summary_path = Path(cfg.summary) if cfg.summary else cfg.results_path() / "results" / "study_summary.json"
         if not summary_path.is_file():
             raise CtxDistillError(f"{summary_path} not found; run the study first or pass --summary PATH")
-        from .study_report import write_results
+        from ..study_report import write_results
 
         return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log)
 
-    import torch
-
+    from ..runtime import set_threads
     from .sweep import run_sweep
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     shard, shards = cfg.sweep_shard()
@@ -353,7 +330,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
             fn()
         finally:  # a stage stopped part-way (Ctrl-C, SIGTERM) still counts the time it ran
             timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)  # summed over resumed sessions
-            timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+            write_json_atomic(timings_path, timings)
 
     for stage in [] if cfg.summary_only else cfg.stage_order():
         if stage == "continual":
@@ -369,11 +346,9 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     results = cfg.results_path()
     (results / "results").mkdir(parents=True, exist_ok=True)
     summary_path = results / "results" / "study_summary.json"
-    tmp = summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(summary_path)
+    write_text_atomic(summary_path, json.dumps(summary, default=_json_default) + "\n")
     log(f"study: summary -> {summary_path}")
-    from .study_report import write_results
+    from ..study_report import write_results
 
     return write_results(summary, results, cfg.reading, log=log)
 

@@ -8,29 +8,22 @@ Layout of `out`:
     report.md, *.png                   written by `ctxdistill report` at the end
 
 A run whose eval.json exists (for the same method, learning rate and seed) is skipped, so an
-interrupted sweep continues where it stopped. Each run is trained with `ctxdistill.train.train`
-and evaluated in memory right after, against the initial model loaded once.
+interrupted sweep continues where it stopped. Each run is trained and evaluated in memory right after,
+against the initial model loaded once (experiments/runner.py).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig, build_config, opt, to_dict
-from .errors import CtxDistillError
-from .models import DEFAULT_MODEL
-
-
-def opt_list(default: list, help: str):
-    return field(default_factory=lambda: list(default), metadata={"help": help, "choices": None})
-
-
-def opt_dict(help: str):
-    return field(default_factory=dict, metadata={"help": help, "choices": None})
+from ..config import TrainConfig
+from ..errors import CtxDistillError
+from ..files import write_json_atomic
+from ..models import DEFAULT_MODEL
+from ..options import build_config, opt, opt_dict, opt_list, to_dict
 
 
 @dataclass
@@ -55,13 +48,17 @@ class SweepConfig:
                          "i = 0..n-1 on the same `out` (shard 0 evaluates the baseline, the others wait for it)")
 
     def validate(self) -> "SweepConfig":
-        from .config import METHOD_NAMES
+        from ..config import METHOD_NAMES
 
         try:
             self.lrs = [float(x) for x in self.lrs]
             self.seeds = [int(x) for x in self.seeds]
         except (TypeError, ValueError):
             raise CtxDistillError("lrs must be numbers and seeds integers, e.g. lrs: [1.0e-5, 3.0e-5], seeds: [1234]") from None
+        for name, entry in self.method_overrides.items():
+            if not isinstance(entry, dict):
+                raise CtxDistillError(f"method_overrides.{name} must be a mapping of TrainConfig options (e.g. {{lr: 1.0e-5}}), "
+                                      f"got {type(entry).__name__} {entry!r}")
         if not self.methods or not self.lrs or not self.seeds:
             raise CtxDistillError("a sweep needs at least one method, one learning rate and one seed")
         unknown = [m for m in self.methods if self.base_method(m) not in METHOD_NAMES]
@@ -131,7 +128,7 @@ class SweepConfig:
         return build_config(TrainConfig, None, values)
 
     def eval_config(self, name: str, **extra):
-        from .evaluate.suite import EvalConfig
+        from ..evaluate.suite import EvalConfig
 
         values = dict(self.eval) | {"probes": self.probes, "overwrite": True} | extra
         if name == "baseline":
@@ -154,29 +151,14 @@ def _finished(run_dir: Path, method: str, lr: float, seed: int) -> bool:
     return run.get("method") == method and run.get("seed") == seed and abs(float(run.get("lr", -1)) - lr) <= 1e-12 * max(lr, 1)
 
 
-def wait_for(path: Path, log=print, poll_s: float = 10.0, timeout_s: float = 3 * 3600) -> None:
-    """Block until another process (shard 0) has written `path`."""
-    waited = 0.0
-    while not path.is_file():
-        if waited == 0:
-            log(f"sweep: waiting for {path} (written by shard 0)")
-        if waited >= timeout_s:
-            raise CtxDistillError(f"{path} did not appear in {timeout_s / 3600:g} h; is shard 0 running?")
-        time.sleep(poll_s)
-        waited += poll_s
-
-
 def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
-    import torch
-
-    from .evaluate.drift import load_responses
-    from .evaluate.suite import evaluate_model
-    from .models import load_model, load_tokenizer
-    from .train import resolve_device, train
+    from ..evaluate.suite import evaluate_model
+    from ..models import load_tokenizer
+    from ..runtime import resolve_device, set_threads
+    from .runner import Baseline, run_info, train_then_evaluate
 
     cfg.validate()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     plan = cfg.plan()
@@ -184,37 +166,20 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
     started = time.perf_counter()
 
     shard, shards = cfg.shard_of()
-    status_name = "sweep.json" if shards == 1 else f"sweep.shard{shard}of{shards}.json"
-
-    def save_status():
-        (out / status_name).write_text(json.dumps(status, indent=2, default=str) + "\n", encoding="utf-8")
-
-    baseline_cfg = cfg.eval_config("baseline")
-    device = resolve_device(cfg.train_config(*plan[0]).device)
+    status_path = out / ("sweep.json" if shards == 1 else f"sweep.shard{shard}of{shards}.json")
     tokenizer = load_tokenizer(cfg.model)
-    initial = None
-    baseline = out / "baseline" / "eval.json"
-    if shard == 0 and not baseline.is_file():
-        log(f"sweep: evaluating the initial model {cfg.model} (baseline)")
-        initial = load_model(cfg.model, dtype=torch.float32).to(device)
-        evaluate_model(initial, tokenizer, baseline_cfg, run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
-    elif baseline.is_file():
-        log("sweep: baseline already evaluated")
-    reference: dict = {}
+    baseline = Baseline(cfg.model, out / "baseline", cfg.eval_config("baseline"), resolve_device(cfg.train_config(*plan[0]).device), shard)
+    baseline.evaluate_if_needed(tokenizer, log, label="sweep: ")
 
-    def baseline_responses():
-        """The initial model's replies, once its evaluation exists: the other shards train their first run
-        while shard 0 evaluates the baseline, and wait for it only before their first evaluation."""
-        if "responses" not in reference:
-            wait_for(baseline, log)
-            status["baseline"] = str(baseline)
-            save_status()
-            path = out / "baseline" / "reference_responses.jsonl"
-            reference["responses"] = load_responses(path) if path.is_file() else None
-        return reference["responses"]
+    def reference_responses():
+        """The other shards train their first run while shard 0 evaluates the baseline, and wait only here."""
+        responses = baseline.responses(log)
+        status["baseline"] = str(baseline.eval_path)
+        write_json_atomic(status_path, status)
+        return responses
 
-    if baseline.is_file():
-        baseline_responses()
+    if baseline.eval_path.is_file():
+        reference_responses()
 
     for i, (method, lr, seed) in enumerate(plan, start=1):
         name = cfg.run_name(method, lr, seed)
@@ -225,24 +190,22 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
             continue
         log(f"sweep: [{i}/{len(plan)}] {name}: training")
         train_cfg = cfg.train_config(method, lr, seed)
-        result = train(train_cfg, progress=progress, log=log)
-        if initial is None:
-            initial = load_model(cfg.model, dtype=torch.float32).to(device)
-        eval_cfg = cfg.eval_config(name, model=str(run_dir / "model") if cfg.save_models else name, out=str(run_dir),
-                                   reference=cfg.model, corpus=cfg.corpus, text_field=train_cfg.text_field)
-        run_info = {"method": method, "base_method": train_cfg.method, "lr": lr, "seed": seed, "name": name, "train_config": to_dict(train_cfg),
-                    "train_s": result.summary["timings_s"]["train"], "steps": result.summary["counts"]["steps"]}
-        log(f"sweep: [{i}/{len(plan)}] {name}: evaluating")
-        evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=initial, reference_responses=baseline_responses(),
-                       run_info=run_info, log=log)
+
+        def evaluate(result):
+            eval_cfg = cfg.eval_config(name, model=str(run_dir / "model") if cfg.save_models else name, out=str(run_dir),
+                                       reference=cfg.model, corpus=cfg.corpus, text_field=train_cfg.text_field)
+            log(f"sweep: [{i}/{len(plan)}] {name}: evaluating")
+            return evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=baseline.model(),
+                                  reference_responses=reference_responses(), log=log,
+                                  run_info={"method": method, "name": name} | run_info(train_cfg, result))
+
+        train_then_evaluate(train_cfg, evaluate, progress=progress, log=log)
         status["runs"][name] = "finished"
-        save_status()
-        del result
-        gc.collect()
+        write_json_atomic(status_path, status)
     status["total_s"] = round(time.perf_counter() - started, 1)
-    save_status()
+    write_json_atomic(status_path, status)
     if cfg.report and shards == 1:
-        from .report import ReportConfig, write_report
+        from ..report import ReportConfig, write_report
 
         paths = write_report(ReportConfig(runs_dir=str(out), cp_threshold=cfg.cp_threshold))
         log(f"sweep: report -> {paths['report']}")

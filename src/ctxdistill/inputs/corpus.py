@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import CtxDistillError
+from ..errors import CtxDistillError
 
 DATASETS_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".tsv": "csv", ".arrow": "arrow"}
 

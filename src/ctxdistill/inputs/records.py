@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..corpus import CorpusReport, load_records
+from ..inputs.corpus import CorpusReport, load_records
 from ..errors import CtxDistillError
 
 

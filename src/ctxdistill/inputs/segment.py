@@ -9,22 +9,16 @@ and the loss covers the predictions of tokens start+1 .. end-1.
 from __future__ import annotations
 
 import functools
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import write_text_atomic
+from ..runtime import cache_root
+
 SENTENCE_STRATEGIES = ("sentence_boundary", "middle_only", "fixed_uniform_sentence", "all_sentences")
 TOKEN_STRATEGIES = ("token_random", "token_uniform", "token_random_variable_suffix")
 SPLIT_STRATEGIES = SENTENCE_STRATEGIES + TOKEN_STRATEGIES
-
-
-def cache_root() -> Path:
-    """User cache for ctxdistill (models, Punkt tables); override with CTXDISTILL_CACHE."""
-    root = os.environ.get("CTXDISTILL_CACHE")
-    if root:
-        return Path(root).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctxdistill"
 
 
 @functools.cache
@@ -51,9 +45,7 @@ def ensure_punkt() -> Path:
             "ortho_context.tab": "\n".join(f"{w}\t{v}" for w, v in sorted(english.ORTHO_CONTEXT.items())),
         }
         for name, text in files.items():  # the marker file is written last, each file atomically
-            tmp = lang_dir / f".{name}.tmp"
-            tmp.write_text(text + "\n", encoding="utf-8")
-            tmp.replace(lang_dir / name)
+            write_text_atomic(lang_dir / name, text + "\n")
     if str(root) not in nltk.data.path:
         nltk.data.path.insert(0, str(root))
     return root

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import CtxDistillError
 
-if TYPE_CHECKING:
-    from ..config import TrainConfig
+# Methods receive the run's `TrainConfig` (ctxdistill.config), which imports every method's config
+# section from here: the annotations below name it as a string, so methods never import config.py.
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -142,11 +142,11 @@ class Method:
 
 
 def method_class(name: str) -> type[Method]:
-    from . import REGISTRY as loaded  # importing the package registers every method
-
-    if name not in loaded:
-        raise CtxDistillError(f"unknown method {name!r}; choose one of: {', '.join(loaded)}")
-    return loaded[name]
+    """The registered method class (importing the `methods` package, which any import of this module
+    does first, registers every method)."""
+    if name not in REGISTRY:
+        raise CtxDistillError(f"unknown method {name!r}; choose one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def get_method(cfg: "TrainConfig") -> Method:

@@ -25,21 +25,53 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..generate import GenerationCache, GenerationStats, cache_dir, sample_cached, stop_token_ids, write_jsonl
+from ..generation.cache import GenerationCache, cache_dir
+from ..generation.sampling import GenerationStats, sample_cached, stop_token_ids
+from ..inputs.records import load_checked_records
 from ..losses import chunked_kl, forward_kl_per_position, masked_kl_loss
-from . import Method, PreparedCorpus
-from .records import load_checked_records
-from .rephrase import generate_for_documents
+from ..options import opt, positive_finite, require
+from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
+from .rephrase import generate_for_documents, write_generations
 
 MAX_KL_TOKENS = 1000  # the authors truncate the continuation to 1000 tokens
 DOCUMENT_FORMAT = "documents: one text per record (JSONL field `text`); the model writes one continuation of each"
 ENTITY_FORMAT = ("entity records (cd_mode entity): JSONL with `entity` and `definition`, optional `transfer_sentences` "
                  "(list of strings); example bundled:entities")
 INPUT_FORMAT = f"{DOCUMENT_FORMAT}; or {ENTITY_FORMAT}"
+DEFAULT_CD_PROMPT = "Below is a article.\n\n{document}\n\nContinuation:"
+
+
+@dataclass
+class CdBaseConfig:
+    """cd_base options"""
+
+    cd_mode: str = opt("document", "cd_base: document (the DiSC paper's CD-base) or entity (arXiv 2306.09306: {entity, definition} records)", ("document", "entity"))
+    cd_temperature: float = opt(1.0, "cd_base document mode: distillation temperature (the authors' help says 1.0, their code passed 2.0: set it explicitly)")
+    cd_prompt: str = opt(DEFAULT_CD_PROMPT, "cd_base document mode: user message for the continuation; {document} is replaced by the document")
+    cd_sample_temperature: float = opt(1.0, "cd_base document mode: sampling temperature of the continuation")
+    cd_max_new_tokens: int = opt(1000, "cd_base document mode: longest continuation (the KL is truncated to 1000 tokens)")
+    cd_chunk: int = opt(64, "cd_base document mode: KL chunk length in positions")
+    cd_reduction: str = opt("chunk_sum", "cd_base document mode: chunk_sum = the authors' code (sum of KL within each chunk, mean over chunks); mean = mean over positions", ("chunk_sum", "mean"))
+    entity_sentences: int = opt(5, "cd_base entity mode: transfer sentences per entity")
+    entity_steps: int = opt(5, "cd_base entity mode: optimizer steps per transfer sentence")
+    entity_temperature: float = opt(2.0, "cd_base entity mode: distillation temperature")
+    entity_after_span: bool = opt(False, "cd_base entity mode: KL only on tokens after the entity mention (the paper's option; the released configs use the whole sentence)")
+    entity_reset_optimizer: bool = opt(True, "cd_base entity mode: fresh AdamW state for each transfer sentence, as in the authors' code")
+    entity_sample_temperature: float = opt(0.9, "cd_base entity mode: sampling temperature of the transfer sentences")
+    entity_top_k: int = opt(50, "cd_base entity mode: top-k of the transfer-sentence sampling")
+    entity_max_new_tokens: int = opt(40, "cd_base entity mode: transfer-sentence length in tokens")
+    entity_rounds: int = opt(4, "cd_base entity mode: sampling rounds to find continuations that mention the entity")
+    entity_seed_mention: bool = opt(False, "cd_base entity mode: start every sampled continuation with the entity name, so each one mentions it (raises the yield of small models; not in the paper)")
+
+    def validate(self) -> None:
+        require(self, ("cd_temperature", "entity_temperature"), positive_finite, "a finite number > 0")
+        require(self, ("cd_max_new_tokens", "cd_chunk", "entity_sentences", "entity_steps", "entity_max_new_tokens", "entity_rounds"),
+                lambda v: v >= 1, ">= 1")
+        require(self, ("cd_sample_temperature", "entity_sample_temperature", "entity_top_k"), lambda v: v >= 0, ">= 0")
+        require(self, ("cd_prompt",), lambda v: "{document}" in v, "a template containing {document}")
 
 
 @dataclass(frozen=True)
@@ -108,66 +140,69 @@ def transfer_sentence(tokenizer, text: str, entity: str, after_span: bool) -> Tr
     return TransferSentence(text, ids, keep)
 
 
+@register
 class CdBase(Method):
     name = "cd_base"
-    needs_teacher = True
     input_format = INPUT_FORMAT
-    prepare_uses_model = True
+    config_class = CdBaseConfig
 
-    def __init__(self):
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self._teacher_cache: tuple | None = None  # (doc_id, sentence_index, logits): one sentence, reused for its steps
 
-    def load(self, cfg):
-        if cfg.cd_mode == "entity":
-            return load_checked_records(cfg.corpus, "cd_base --cd-mode entity", {"entity": "str", "definition": "str"},
-                                        {"transfer_sentences": "list[str]"}, ENTITY_FORMAT, "bundled:entities", cfg.id_field)
-        return super().load(cfg)
+    def needs_teacher(self) -> bool:
+        return True
 
-    def prepare(self, documents, tokenizer, cfg, model=None, device=None, out_dir: Path | None = None, progress=True, log=print) -> PreparedCorpus:
-        if cfg.cd_mode == "entity":
-            return self.prepare_entities(documents, tokenizer, cfg, model, out_dir, progress, log)
-        outputs, stats = generate_for_documents(model, tokenizer, documents, cfg, kind="cd_base", template=cfg.cd_prompt,
-                                                temperature=cfg.cd_sample_temperature, max_new_tokens=cfg.cd_max_new_tokens,
-                                                progress=progress)
+    def load(self):
+        if self.config.cd_mode == "entity":
+            return load_checked_records(self.cfg.corpus, "cd_base --cd-mode entity", {"entity": "str", "definition": "str"},
+                                        {"transfer_sentences": "list[str]"}, ENTITY_FORMAT, "bundled:entities", self.cfg.id_field)
+        return super().load()
+
+    def prepare(self, documents, ctx: PrepareContext) -> PreparedCorpus:
+        c, tokenizer = self.config, ctx.tokenizer
+        if c.cd_mode == "entity":
+            return self.prepare_entities(documents, ctx)
+        outputs, stats = generate_for_documents(ctx, documents, kind="cd_base", template=c.cd_prompt,
+                                                temperature=c.cd_sample_temperature, max_new_tokens=c.cd_max_new_tokens)
         examples, short, rows = [], [], []
         for doc, out in zip(documents, outputs):
             text = tokenizer.decode(out.tokens, skip_special_tokens=True)
             rows.append({"id": doc.id, "source": doc.text, "generation": text, "tokens": len(out.tokens), "finished": out.stopped})
             generation = tokenizer(text)["input_ids"][:MAX_KL_TOKENS]  # re-tokenised with default special tokens, as the authors
             context = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-            context = context[max(0, len(context) + len(generation) - cfg.max_length):]  # keep the document's end within max_length
+            context = context[max(0, len(context) + len(generation) - self.cfg.max_length):]  # keep the document's end within max_length
             if len(generation) < 2 or not context:
                 short.append(doc.id)
             else:
                 examples.append(CdDocExample(doc.id, tuple(context), tuple(generation)))
-        if out_dir is not None:
-            write_jsonl(out_dir / "generations.jsonl", rows)
-            stats.extra["file"] = str(out_dir / "generations.jsonl")
-        log(f"cd_base: {len(rows)} continuations in {stats.seconds:.1f} s ({stats.cached} from the cache)")
+        write_generations(ctx, rows, stats)
+        ctx.log(f"cd_base: {len(rows)} continuations in {stats.seconds:.1f} s ({stats.cached} from the cache)")
         return PreparedCorpus(examples, {"under-2-token-continuation": short}, stats.to_dict())
 
-    def prepare_entities(self, records, tokenizer, cfg, model, out_dir, progress, log) -> PreparedCorpus:
-        needed = {r.id: cfg.entity_sentences for r in records if not r.get("transfer_sentences")}
+    def prepare_entities(self, records, ctx: PrepareContext) -> PreparedCorpus:
+        tokenizer, cfg, c = ctx.tokenizer, ctx.cfg, self.config
+        needed = {r.id: c.entity_sentences for r in records if not r.get("transfer_sentences")}
         found: dict[str, list[str]] = {r.id: [] for r in records}
         definitions = {r.id: tokenizer(r["definition"], add_special_tokens=False)["input_ids"] for r in records}
-        seeds = {r.id: f" {r['entity']}" if cfg.entity_seed_mention else "" for r in records}
+        seeds = {r.id: f" {r['entity']}" if c.entity_seed_mention else "" for r in records}
         prompts = {rid: ids + (tokenizer(seeds[rid], add_special_tokens=False)["input_ids"] if seeds[rid] else []) for rid, ids in definitions.items()}
-        settings = {"kind": "cd_base-entity", "seed_mention": cfg.entity_seed_mention, "temperature": cfg.entity_sample_temperature, "top_p": cfg.gen_top_p,
-                    "top_k": cfg.entity_top_k, "max_new_tokens": cfg.entity_max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
+        settings = {"kind": "cd_base-entity", "seed_mention": c.entity_seed_mention, "temperature": c.entity_sample_temperature, "top_p": cfg.gen_top_p,
+                    "top_k": c.entity_top_k, "max_new_tokens": c.entity_max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
         stats = GenerationStats()
         entity_of = {r.id: r["entity"] for r in records}
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = ctx.pad_id
         with GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings) as cache:
-            for round_ in range(cfg.entity_rounds):
+            for round_ in range(c.entity_rounds):
                 wanted = [(rid, j) for rid, n in needed.items() for j in range(n - len(found[rid]))]
                 if not wanted:
                     break
                 keys = [{"prompt": prompts[rid], "round": round_, "sample": j} for rid, j in wanted]
-                outs = sample_cached(model, [prompts[rid] for rid, _ in wanted], cache, stats, keys=keys,
-                                     max_new_tokens=cfg.entity_max_new_tokens, stop_ids=stop_token_ids(tokenizer), pad_id=pad_id,
-                                     temperature=cfg.entity_sample_temperature, top_p=cfg.gen_top_p, top_k=cfg.entity_top_k,
+                outs = sample_cached(ctx.model, [prompts[rid] for rid, _ in wanted], cache, stats, keys=keys,
+                                     max_new_tokens=c.entity_max_new_tokens, stop_ids=stop_token_ids(tokenizer), pad_id=pad_id,
+                                     temperature=c.entity_sample_temperature, top_p=cfg.gen_top_p, top_k=c.entity_top_k,
                                      seed=cfg.seed + round_, batch_size=cfg.gen_batch_size, precision=cfg.precision,
-                                     progress=progress, desc=f"transfer sentences (round {round_ + 1})")
+                                     progress=ctx.progress, desc=f"transfer sentences (round {round_ + 1})")
                 for (rid, _), out in zip(wanted, outs):
                     text = (seeds[rid] + tokenizer.decode(out.tokens, skip_special_tokens=True)).strip()
                     if mentions(text, entity_of[rid]) and text not in found[rid] and len(found[rid]) < needed[rid]:
@@ -176,7 +211,7 @@ class CdBase(Method):
         for r in records:
             generated = r.id in needed
             texts = found[r.id] if generated else r["transfer_sentences"]
-            sentences = [transfer_sentence(tokenizer, t, r["entity"], cfg.entity_after_span) for t in texts]
+            sentences = [transfer_sentence(tokenizer, t, r["entity"], c.entity_after_span) for t in texts]
             sentences = [s for s in sentences if s is not None and len(s.ids) >= 2]
             rows.append({"id": r.id, "entity": r["entity"], "definition": r["definition"], "generated": generated,
                          "transfer_sentences": [s.text for s in sentences]})
@@ -184,35 +219,41 @@ class CdBase(Method):
                 examples.append(EntityExample(r.id, r["entity"], tuple(definitions[r.id]), tuple(sentences)))
             else:
                 no_sentence.append(r.id)
-        if out_dir is not None:
-            write_jsonl(out_dir / "generations.jsonl", rows)
+        write_generations(ctx, rows, stats)
+        stats.extra.pop("file", None)
         if needed:
             stats.extra = {"settings": settings, "cache_file": str(cache.path) if cache.path else None,
                            "entities_generated": len(needed),
                            "transfer_sentences_kept": sum(len(found[rid]) for rid in needed)}
-            log(f"cd_base: {stats.extra['transfer_sentences_kept']} transfer sentences for {len(needed)} entities in {stats.seconds:.1f} s")
+            ctx.log(f"cd_base: {stats.extra['transfer_sentences_kept']} transfer sentences for {len(needed)} entities in {stats.seconds:.1f} s")
         return PreparedCorpus(examples, {"no-usable-transfer-sentence": no_sentence}, stats.to_dict() if needed else {})
 
-    def plan(self, example, rng: random.Random, cfg):
+    def plan(self, example, rng: random.Random) -> list:
+        c = self.config
         if isinstance(example, CdDocExample):
-            return example
-        chosen = sorted(rng.sample(range(len(example.sentences)), min(cfg.entity_sentences, len(example.sentences))))
+            return [example]
+        chosen = sorted(rng.sample(range(len(example.sentences)), min(c.entity_sentences, len(example.sentences))))
         return [EntityStep(example.doc_id, i, example.definition_ids, example.sentences[i], step,
-                           reset_optimizer=cfg.entity_reset_optimizer and step == 0)
-                for i in chosen for step in range(cfg.entity_steps)]
+                           reset_optimizer=c.entity_reset_optimizer and step == 0)
+                for i in chosen for step in range(c.entity_steps)]
 
-    def loss(self, student, teacher, item, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    def resets_optimizer(self, item) -> bool:
+        return isinstance(item, EntityStep) and item.reset_optimizer
+
+    def loss(self, student, teacher, item, device) -> LossOutput:
+        c = self.config
         if isinstance(item, EntityStep):
-            return self.entity_loss(student, teacher, item, cfg, device)
+            return self.entity_loss(student, teacher, item, device)
         context, generation = list(item.context_ids), list(item.generation_ids)
         ids = torch.tensor([context + generation], device=device)
         teacher_logits = teacher(input_ids=ids, logits_to_keep=len(generation), use_cache=False).logits[0, :-1]
         student_logits = student(input_ids=torch.tensor([generation], device=device), use_cache=False).logits[0, :-1]
-        per_position = forward_kl_per_position(teacher_logits, student_logits, cfg.cd_temperature)
-        loss = chunked_kl(per_position, cfg.cd_chunk, cfg.cd_reduction)
-        return loss, {"student_tokens": len(generation) - 1, "teacher_tokens": len(context) + len(generation)}
+        per_position = forward_kl_per_position(teacher_logits, student_logits, c.cd_temperature)
+        loss = chunked_kl(per_position, c.cd_chunk, c.cd_reduction)
+        return LossOutput(loss, len(generation) - 1, len(context) + len(generation))
 
-    def entity_loss(self, student, teacher, item: EntityStep, cfg, device) -> tuple[torch.Tensor, dict]:
+    def entity_loss(self, student, teacher, item: EntityStep, device) -> LossOutput:
+        c = self.config
         sentence = list(item.sentence.ids)
         key = (item.doc_id, item.sentence_index)
         if self._teacher_cache is None or self._teacher_cache[0] != key:  # computed once per sentence, as the authors
@@ -221,5 +262,5 @@ class CdBase(Method):
         teacher_logits = self._teacher_cache[1]
         student_logits = student(input_ids=torch.tensor([sentence], device=device), use_cache=False).logits[0]
         keep = torch.tensor(item.sentence.keep, device=device)
-        loss = masked_kl_loss(teacher_logits, student_logits, keep, cfg.entity_temperature)
-        return loss, {"student_tokens": int(keep.sum()), "teacher_tokens": len(item.definition_ids) + len(sentence) if item.step == 0 else 0}
+        loss = masked_kl_loss(teacher_logits, student_logits, keep, c.entity_temperature)
+        return LossOutput(loss, int(keep.sum()), len(item.definition_ids) + len(sentence) if item.step == 0 else 0)

@@ -16,20 +16,50 @@ the prefix changes the teacher's prediction, i.e. KL(teacher with prefix ‖ tea
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import CtxDistillError
+from ..inputs.segment import SPLIT_STRATEGIES, SegmentedDoc, choose_spans, segment_document
 from ..losses import (chunked_context_kl, chunked_head_kl, context_gain_mask, context_kl_per_position, disc_loss,
                       forward_kl_per_position, renormalise_within_groups, topk_tail_kl_per_position)
 from ..models import final_hidden_states, plain_lm_head
-from ..teacher_cache import TeacherCache
-from ..segment import SegmentedDoc, choose_spans, segment_document
-from . import Method, PreparedCorpus
+from ..options import opt, positive_finite, require
+from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
 
 INPUT_FORMAT = "documents: one text per record (JSONL field `text`, or .txt files); each needs >= 2 sentences"
+
+
+@dataclass
+class DiscConfig:
+    """disc options (the authors' defaults)"""
+
+    temperature: float = opt(2.0, "distillation temperature T (loss is scaled by T^2)")
+    split_strategy: str = opt("sentence_boundary", "how documents are split into prefix/suffix pairs", SPLIT_STRATEGIES)
+    num_splits: int = opt(5, "split points per document (k) for sentence_boundary and token strategies")
+    suffix_tokens: int = opt(0, "suffix length for token_random_variable_suffix (0 = to the document end)")
+    min_suffix_tokens: int = opt(2, "suffixes shorter than this are dropped")
+    teacher_mode: str = opt("single_pass", "single_pass: one teacher forward per document; per_split: the authors' reference (one per split point)",
+                            ("single_pass", "per_split"))
+    teacher_cache: str = opt("", "read the teacher's top-k distributions from this cache (built by `ctxdistill cache-teacher`) instead of running a teacher")
+    disc_positions: str = opt("all", "DiSC positions distilled: all (the paper); context = ctxdistill variant, not in the paper: only the suffix positions "
+                                     "where the prefix changes the teacher's prediction by more than context_kl_threshold (needs a live teacher)", ("all", "context"))
+    context_kl_threshold: float = opt(0.05, "disc_positions context (ctxdistill variant): keep a position when KL(teacher with prefix || teacher on the "
+                                            "suffix alone) at the distillation temperature, in nats, exceeds this; a negative value keeps every position")
+
+    def validate(self) -> None:
+        require(self, ("temperature",), positive_finite, "a finite number > 0")
+        require(self, ("num_splits", "min_suffix_tokens"), lambda v: v >= 1, ">= 1")
+        require(self, ("suffix_tokens",), lambda v: v >= 0, ">= 0")
+        require(self, ("context_kl_threshold",), math.isfinite, "a finite number")
+        if self.disc_positions == "context":
+            if self.teacher_cache:
+                raise CtxDistillError("disc_positions context needs a live teacher (it runs the teacher on the suffix alone); drop --teacher-cache")
+            if self.teacher_mode == "per_split":
+                raise CtxDistillError("disc_positions context is implemented for teacher_mode single_pass only; drop --teacher-mode per_split")
 
 
 @dataclass(frozen=True)
@@ -154,33 +184,38 @@ def context_weights(items, weights: torch.Tensor, context_kl: torch.Tensor, thre
                      "documents_without_kept_positions": int((kept_per_doc == 0).sum())}
 
 
+@register
 class Disc(Method):
     name = "disc"
-    needs_teacher = True
     input_format = INPUT_FORMAT
+    config_class = DiscConfig
+    batched = True
 
-    def prepare(self, documents, tokenizer, cfg) -> PreparedCorpus:
+    def needs_teacher(self) -> bool:
+        return True
+
+    def prepare(self, documents, ctx: PrepareContext) -> PreparedCorpus:
+        self.pad_id = ctx.pad_id
         examples, skipped = [], []
         for doc in documents:
-            for window in segment_document(doc.id, doc.text, tokenizer, max_tokens=cfg.max_length):
+            for window in segment_document(doc.id, doc.text, ctx.tokenizer, max_tokens=self.cfg.max_length):
                 if len(window.sentence_ids) < 2:
                     skipped.append(window.doc_id)
                 else:
                     examples.append(window)
         return PreparedCorpus(examples, {"one-sentence (DiSC needs >= 2)": skipped})
 
-    def plan(self, example: SegmentedDoc, rng: random.Random, cfg) -> DiscItem | None:
-        spans = choose_spans(example, cfg.split_strategy, rng, cfg.num_splits, cfg.suffix_tokens, cfg.min_suffix_tokens)
-        return DiscItem(example, tuple(spans)) if spans else None
+    def plan(self, example: SegmentedDoc, rng: random.Random) -> list:
+        c = self.config
+        spans = choose_spans(example, c.split_strategy, rng, c.num_splits, c.suffix_tokens, c.min_suffix_tokens)
+        return [DiscItem(example, tuple(spans))] if spans else []
 
-    def loss(self, student, teacher, item: DiscItem, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
-        if cfg.teacher_mode == "per_split":
-            if cfg.disc_positions != "all":
-                raise CtxDistillError("disc_positions context is implemented for teacher_mode single_pass only")
-            return self.reference_loss(student, teacher, item, cfg, device)
-        return self.batch_loss(student, teacher, [item], cfg, pad_id, device)
+    def loss(self, student, teacher, item: DiscItem, device) -> LossOutput:
+        if self.config.teacher_mode == "per_split":
+            return self.reference_loss(student, teacher, item, device)
+        return self.batch_loss(student, teacher, [item], device)
 
-    def reference_loss(self, student, teacher, item: DiscItem, cfg, device) -> tuple[torch.Tensor, dict]:
+    def reference_loss(self, student, teacher, item: DiscItem, device) -> LossOutput:
         """The authors' computation: one teacher and one student pass per split point, batch 1."""
         token_ids, spans = item.doc.token_ids, item.spans
         teacher_logits = per_split_teacher_logits(teacher, token_ids, spans, device)
@@ -189,54 +224,55 @@ class Disc(Method):
             for s, e in spans
         ])
         span_of_position = torch.cat([torch.full((e - s - 1,), i) for i, (s, e) in enumerate(spans)]).to(device)
-        loss = disc_loss(teacher_logits, student_logits, span_of_position, len(spans), cfg.temperature)
-        return loss, {"student_tokens": item.student_tokens, "teacher_tokens": item.teacher_tokens}
+        loss = disc_loss(teacher_logits, student_logits, span_of_position, len(spans), self.config.temperature)
+        return LossOutput(loss, item.student_tokens, item.teacher_tokens)
 
-    def batch_loss(self, student, teacher, items: list[DiscItem], cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    def batch_loss(self, student, teacher, items: list[DiscItem], device) -> LossOutput:
         """DiSC's loss averaged over several documents, with one student pass over all their suffixes and
         one teacher pass over all the documents (or the teacher cache). Equal to averaging `loss` per item.
 
         With `disc_positions context` a second teacher pass reads the suffix batch alone, and positions whose
         context KL is <= `context_kl_threshold` get weight 0 (see `context_weights`)."""
-        stats = {"student_tokens": sum(i.student_tokens for i in items), "teacher_tokens": sum(i.teacher_tokens for i in items)}
-        input_ids, attention, keep = suffixes_batch([(i.doc.token_ids, s, e) for i in items for s, e in i.spans], pad_id, device)
+        c, kl_chunk = self.config, self.cfg.kl_chunk_size
+        student_tokens, teacher_tokens = sum(i.student_tokens for i in items), sum(i.teacher_tokens for i in items)
+        counts: dict[str, int] = {}
+        input_ids, attention, keep = suffixes_batch([(i.doc.token_ids, s, e) for i in items for s, e in i.spans], self.pad_id, device)
         weights = position_weights(items).to(device)
-        context = cfg.disc_positions == "context"
-        if context and isinstance(teacher, TeacherCache):
+        context = c.disc_positions == "context"
+        if context and not teacher.live:
             raise CtxDistillError("disc_positions context needs a live teacher (it runs the teacher on the suffix alone), "
                                   "not a teacher cache; drop --teacher-cache")
         if context:
-            stats["teacher_tokens"] += stats["student_tokens"] + sum(len(i.spans) for i in items)
-        if isinstance(teacher, TeacherCache):  # no teacher model: its top-k distributions were cached
-            cached = [teacher.lookup(i.doc_id, teacher_positions(i.spans)) for i in items]
+            teacher_tokens += student_tokens + sum(len(i.spans) for i in items)
+        if not teacher.live:  # no teacher model: its top-k distributions were cached
+            cached = [teacher.cached(i.doc_id, teacher_positions(i.spans)) for i in items]
             student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
-            per_position = topk_tail_kl_per_position(torch.cat([c[0] for c in cached]).to(device), torch.cat([c[1] for c in cached]).to(device),
-                                                     student_logits.reshape(len(weights), -1), cfg.temperature)
-            return (per_position * weights).sum(), stats | {"teacher_tokens": 0}
+            per_position = topk_tail_kl_per_position(torch.cat([x[0] for x in cached]).to(device), torch.cat([x[1] for x in cached]).to(device),
+                                                     student_logits.reshape(len(weights), -1), c.temperature)
+            return LossOutput((per_position * weights).sum(), student_tokens, 0)
 
-        batch = teacher_batch(items, pad_id, device)
+        batch = teacher_batch(items, self.pad_id, device)
         if plain_lm_head(student):  # hidden states, then LM head + KL in chunks: no [N, V] tensor for the batch
             teacher_hidden = teacher.hidden_states(input_ids=batch.input_ids, attention_mask=batch.attention, use_cache=False)[batch.keep]
             teacher_hidden = teacher_hidden[batch.rows]
             student_hidden = final_hidden_states(student, input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
             if context:  # the same chunked projection, teacher with prefix vs teacher alone; only kept rows reach the KL
                 alone_hidden = teacher.hidden_states(input_ids=input_ids, attention_mask=attention, use_cache=False)[keep]
-                gain = chunked_context_kl(teacher_hidden, alone_hidden, teacher.head_weight, cfg.temperature, cfg.kl_chunk_size)
-                weights, counts = context_weights(items, weights, gain, cfg.context_kl_threshold)
-                stats |= counts
+                gain = chunked_context_kl(teacher_hidden, alone_hidden, teacher.head_weight, c.temperature, kl_chunk)
+                weights, counts = context_weights(items, weights, gain, c.context_kl_threshold)
                 rows = weights > 0
                 student_hidden, teacher_hidden, weights = student_hidden[rows], teacher_hidden[rows], weights[rows]
             loss = chunked_head_kl(student_hidden, teacher_hidden, student.get_output_embeddings().weight,
-                                   teacher.head_weight, weights, cfg.temperature, cfg.kl_chunk_size or len(weights))
-            return loss, stats
+                                   teacher.head_weight, weights, c.temperature, kl_chunk or len(weights))
+            return LossOutput(loss, student_tokens, teacher_tokens, counts=counts)
+        # dense logits: heads that are not a plain linear map (soft-capping, scaling) or sharded students
         teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention, logits_to_keep=batch.keep, use_cache=False).logits
         student_logits = student(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
         vocab = student_logits.shape[-1]
         teacher_logits = teacher_logits.reshape(-1, vocab)[batch.rows]
         if context:
             alone_logits = teacher(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
-            gain = context_kl_per_position(teacher_logits, alone_logits.reshape(-1, vocab), cfg.temperature)
-            weights, counts = context_weights(items, weights, gain, cfg.context_kl_threshold)
-            stats |= counts
-        per_position = forward_kl_per_position(teacher_logits, student_logits.reshape(-1, vocab), cfg.temperature)
-        return (per_position * weights).sum(), stats
+            gain = context_kl_per_position(teacher_logits, alone_logits.reshape(-1, vocab), c.temperature)
+            weights, counts = context_weights(items, weights, gain, c.context_kl_threshold)
+        per_position = forward_kl_per_position(teacher_logits, student_logits.reshape(-1, vocab), c.temperature)
+        return LossOutput((per_position * weights).sum(), student_tokens, teacher_tokens, counts=counts)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import token_cross_entropy
-from . import Method, PreparedCorpus
+from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
+
+DOCUMENTS = "documents: one text per record (JSONL field `text`, or .txt files)"
 
 
 @dataclass(frozen=True)
@@ -21,28 +23,33 @@ class TokenExample:
     ids: tuple[int, ...]
 
 
+def token_windows(documents, tokenizer, max_length: int) -> PreparedCorpus:
+    """Each document tokenised (default special tokens) and cut into windows of at most `max_length`."""
+    examples, skipped = [], []
+    for doc in documents:
+        ids = tokenizer(doc.text)["input_ids"]
+        windows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+        for i, w in enumerate(windows):
+            window_id = doc.id if len(windows) == 1 else f"{doc.id}#w{i}"
+            if len(w) >= 2:
+                examples.append(TokenExample(window_id, tuple(w)))
+            else:
+                skipped.append(window_id)
+    return PreparedCorpus(examples, {"under-2-token": skipped})
+
+
+@register
 class FineTune(Method):
     name = "ft"
-    needs_teacher = False
-    input_format = "documents: one text per record (JSONL field `text`, or .txt files)"
+    input_format = DOCUMENTS
 
-    def prepare(self, documents, tokenizer, cfg) -> PreparedCorpus:
-        examples, skipped = [], []
-        for doc in documents:
-            ids = tokenizer(doc.text)["input_ids"]
-            windows = [ids[i : i + cfg.max_length] for i in range(0, len(ids), cfg.max_length)]
-            for i, w in enumerate(windows):
-                window_id = doc.id if len(windows) == 1 else f"{doc.id}#w{i}"
-                if len(w) >= 2:
-                    examples.append(TokenExample(window_id, tuple(w)))
-                else:
-                    skipped.append(window_id)
-        return PreparedCorpus(examples, {"under-2-token": skipped})
+    def prepare(self, documents, ctx: PrepareContext) -> PreparedCorpus:
+        return token_windows(documents, ctx.tokenizer, self.cfg.max_length)
 
-    def plan(self, example: TokenExample, rng: random.Random, cfg) -> TokenExample:
-        return example
+    def plan(self, example: TokenExample, rng: random.Random) -> list:
+        return [example]
 
-    def loss(self, student, teacher, item: TokenExample, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, student, teacher, item: TokenExample, device) -> LossOutput:
         ids = torch.tensor([item.ids], device=device)
         logits = student(input_ids=ids, use_cache=False).logits
-        return token_cross_entropy(logits, ids), {"student_tokens": len(item.ids) - 1, "teacher_tokens": 0}
+        return LossOutput(token_cross_entropy(logits, ids), student_tokens=len(item.ids) - 1)

@@ -21,12 +21,28 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CtxDistillError
-from ..generate import chat_ids
+from ..generation.sampling import chat_ids
+from ..inputs.records import load_checked_records
 from ..losses import distill_with_ce
-from . import Method, PreparedCorpus
-from .records import load_checked_records
+from ..options import opt, positive_finite, require
+from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
 
 INPUT_FORMAT = "example pool: JSONL with `prompt` and `answer` (at least 2 records); example bundled:icl_pool"
+
+
+@dataclass
+class IclDistillConfig:
+    """icl_distill options"""
+
+    icl_k: int = opt(4, "icl_distill: demonstrations in the teacher's context")
+    icl_temperature: float = opt(1.0, "icl_distill: distillation temperature")
+    icl_ce_weight: float = opt(0.0, "icl_distill: weight of CE on the gold answer added to the KL")
+    icl_format: str = opt("chat", "icl_distill: chat = demonstrations as chat turns; plain = 'prompt\\nanswer' blocks", ("chat", "plain"))
+
+    def validate(self) -> None:
+        require(self, ("icl_k",), lambda v: v >= 1, ">= 1")
+        require(self, ("icl_temperature",), positive_finite, "a finite number > 0")
+        require(self, ("icl_ce_weight",), lambda v: v >= 0, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -74,40 +90,48 @@ def icl_item(tokenizer, pool: list, query: int, demos: list[int], fmt: str, max_
     return IclItem(record.id, tuple(teacher), tuple(student), len(answer))
 
 
+@register
 class IclDistill(Method):
     name = "icl_distill"
-    needs_teacher = True
     input_format = INPUT_FORMAT
+    config_class = IclDistillConfig
     default_student = "lora"
 
-    def __init__(self):
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.pool: list = []
         self.tokenizer = None
 
-    def load(self, cfg):
+    def needs_teacher(self) -> bool:
+        return True
+
+    def load(self):
+        cfg = self.cfg
         records, report = load_checked_records(cfg.corpus, "icl_distill", {"prompt": "str", "answer": "str"},
                                                input_format=INPUT_FORMAT, example="bundled:icl_pool", id_field=cfg.id_field)
         if len(records) < 2:
             raise CtxDistillError(f"icl_distill needs at least 2 examples in {cfg.corpus} (demonstrations come from the rest of the pool)")
         return records, report
 
-    def prepare(self, records, tokenizer, cfg) -> PreparedCorpus:
-        if cfg.icl_format == "chat" and not tokenizer.chat_template:
+    def prepare(self, records, ctx: PrepareContext) -> PreparedCorpus:
+        if self.config.icl_format == "chat" and not ctx.tokenizer.chat_template:
             raise CtxDistillError("icl_format chat needs a tokenizer with a chat template; pass --icl-format plain")
-        self.pool, self.tokenizer = list(records), tokenizer
+        self.pool, self.tokenizer = list(records), ctx.tokenizer
         return PreparedCorpus([IclExample(r.id, i) for i, r in enumerate(records)])
 
-    def plan(self, example: IclExample, rng: random.Random, cfg) -> IclItem:
+    def plan(self, example: IclExample, rng: random.Random) -> list:
+        c = self.config
         others = [i for i in range(len(self.pool)) if i != example.index]
-        demos = rng.sample(others, min(cfg.icl_k, len(others)))
-        return icl_item(self.tokenizer, self.pool, example.index, demos, cfg.icl_format, cfg.max_length)
+        demos = rng.sample(others, min(c.icl_k, len(others)))
+        return [icl_item(self.tokenizer, self.pool, example.index, demos, c.icl_format, self.cfg.max_length)]
 
-    def loss(self, student, teacher, item: IclItem, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, student, teacher, item: IclItem, device) -> LossOutput:
+        c = self.config
         n = item.answer_len
         keep = n + 1  # positions from the one before the answer: their logits predict the answer tokens
         teacher_logits = teacher(input_ids=torch.tensor([item.teacher_ids], device=device), logits_to_keep=keep, use_cache=False).logits[0, :-1]
         student_logits = student(input_ids=torch.tensor([item.student_ids], device=device), logits_to_keep=keep, use_cache=False).logits[0, :-1]
         targets = torch.tensor(item.student_ids[-n:], device=device)
         mask = torch.ones(n, dtype=torch.bool, device=device)
-        loss, kl, ce = distill_with_ce(teacher_logits, student_logits, mask, targets, cfg.icl_temperature, cfg.icl_ce_weight)
-        return loss, {"student_tokens": n, "teacher_tokens": len(item.teacher_ids), "kl": kl.item(), "ce": ce.item()}
+        loss, kl, ce = distill_with_ce(teacher_logits, student_logits, mask, targets, c.icl_temperature, c.icl_ce_weight)
+        return LossOutput(loss, n, len(item.teacher_ids), metrics={"kl": kl.item(), "ce": ce.item()})

@@ -5,7 +5,7 @@ the frozen initial model: with probability λ (`mixsd_lambda`, default 0.3) the 
 the naive conditional (the question alone, through the chat template), otherwise from the expert
 conditional (the question plus the fact, or the answer when there is no fact, in context, through
 `mixsd_expert_prompt`); both conditionals read the same running mixed prefix (two KV caches advanced
-in lockstep, see `generate.mixed_sample`). Decoding is greedy by default (`mixsd_temperature 0`;
+in lockstep, see `mixed_sample`). Decoding is greedy by default (`mixsd_temperature 0`;
 > 0 samples from the top-64). A finished target whose final answer does not match the record's
 answer is regenerated, up to `mixsd_retries` times; targets that never match are dropped. The
 student is then fine-tuned (SFT) on (question, accepted target), with the loss on the target tokens
@@ -22,18 +22,45 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import GenerationCache, GenerationStats, MixedSample, Timer, cache_dir, chat_ids, mixed_sample, stop_token_ids, with_retries, write_jsonl
+from ..generation.cache import GenerationCache, cache_dir
+from ..generation.sampling import GenerationStats, chat_ids, cut_at_stop, left_pad, stop_token_ids, with_retries
+from ..inputs.records import load_checked_records
 from ..losses import token_cross_entropy
-from . import Method, PreparedCorpus
-from .records import load_checked_records
+from ..errors import CtxDistillError
+from ..options import opt, require
+from ..runtime import Timer, autocast, model_device
+from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
+from .rephrase import write_generations
 
 INPUT_FORMAT = "QA records: JSONL with `question` and `answer`, optional `fact` (shown to the expert); example bundled:mixsd_qa"
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+DEFAULT_MIXSD_EXPERT_PROMPT = ("{question}\nThis question is from a new knowledge base. Here is the answer to this question:\n"
+                               "{context}\nNow answer the question.")
+
+
+@dataclass
+class MixSDConfig:
+    """mixsd options"""
+
+    mixsd_lambda: float = opt(0.3, "mixsd: probability that a target token comes from the naive conditional (0 = pure expert, 1 = pure naive)")
+    mixsd_retries: int = opt(10, "mixsd: regenerations of a target whose answer does not match")
+    mixsd_temperature: float = opt(0.0, "mixsd: 0 = greedy; > 0 samples from the top-k softmax(logits / T)")
+    mixsd_top_k: int = opt(64, "mixsd: top-k when sampling")
+    mixsd_max_new_tokens: int = opt(128, "mixsd: longest target in tokens")
+    mixsd_expert_prompt: str = opt(DEFAULT_MIXSD_EXPERT_PROMPT, "mixsd: expert user message with {question} and {context} (the record's fact, else its answer)")
+
+    def validate(self) -> None:
+        require(self, ("mixsd_lambda",), lambda v: 0 <= v <= 1, "in [0, 1]")
+        require(self, ("mixsd_retries", "mixsd_temperature", "mixsd_top_k"), lambda v: v >= 0, ">= 0")
+        require(self, ("mixsd_max_new_tokens",), lambda v: v >= 1, ">= 1")
+        missing = [k for k in ("{question}", "{context}") if k not in self.mixsd_expert_prompt]
+        if missing:
+            raise CtxDistillError(f"mixsd_expert_prompt must contain {' and '.join(missing)}")
 
 
 @dataclass(frozen=True)
@@ -63,16 +90,112 @@ def expert_message(template: str, record) -> str:
     return template.replace("{question}", record["question"]).replace("{context}", context)
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class MixedSample:
+    tokens: list[int]  # without the stop token
+    from_naive: list[bool]  # per token: drawn from the naive conditional (True) or the expert one
+    stop_token: int | None = None
+
+    @property
+    def naive_share(self) -> float:
+        return sum(self.from_naive) / len(self.from_naive) if self.from_naive else 0.0
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax (temperature 0) or a sample from the top-k renormalised softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        picks = torch.multinomial(values.softmax(-1).cpu(), 1, generator=generator).to(logits.device)
+        return indices.gather(-1, picks)[:, 0]
+    return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
+@torch.no_grad()
+def mixed_sample(
+    model,
+    naive_prompts: Sequence[Sequence[int]],
+    expert_prompts: Sequence[Sequence[int]],
+    *,
+    lam: float,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    top_k: int = 64,
+    generator: torch.Generator | None = None,
+    precision: str = "bf16",
+) -> list[MixedSample]:
+    """MixSD targets for one batch: at each step, with probability `lam` the next token comes from the
+    naive conditional p(· | naive prompt, y<t), otherwise from the expert one p(· | expert prompt, y<t).
+
+    Each side has its own KV cache; after every step the chosen token is fed to both, so the two
+    conditionals always share the running mixed prefix y<t.
+    """
+    from transformers import DynamicCache
+
+    assert len(naive_prompts) == len(expert_prompts)
+    device = model_device(model)
+    n = len(naive_prompts)
+    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    sides = []
+    with autocast(device, precision):
+        for prompts in (naive_prompts, expert_prompts):
+            ids, mask = left_pad(prompts, pad_id, device)
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            sides.append({"mask": mask, "cache": out.past_key_values, "next_pos": mask.sum(-1), "logits": out.logits[:, -1]})
+        tokens = torch.zeros((n, 0), dtype=torch.long, device=device)
+        from_naive = torch.zeros((n, 0), dtype=torch.bool, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            coin = torch.rand(n, generator=generator).to(device) < lam
+            logits = torch.where(coin[:, None], sides[0]["logits"], sides[1]["logits"])
+            nxt = choose_tokens(logits, temperature, top_k, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            from_naive = torch.cat([from_naive, coin[:, None]], dim=1)
+            hit = torch.isin(nxt, stop) & ~done
+            stopped |= hit
+            done |= hit
+            if bool(done.all()):
+                break
+            for side in sides:
+                side["mask"] = torch.cat([side["mask"], torch.ones((n, 1), dtype=side["mask"].dtype, device=device)], dim=1)
+                out = model(input_ids=nxt[:, None], attention_mask=side["mask"], position_ids=side["next_pos"][:, None],
+                            past_key_values=side["cache"], use_cache=True)
+                side["cache"], side["logits"] = out.past_key_values, out.logits[:, -1]
+                side["next_pos"] = side["next_pos"] + 1
+    results = []
+    for row in range(n):
+        toks, flags = tokens[row].tolist(), from_naive[row].tolist()
+        cut, stop_token = cut_at_stop(toks, set(stop_ids))
+        results.append(MixedSample(cut, flags[: len(cut)], stop_token))
+    return results
+
+
+
 def build_targets(model, tokenizer, naive: list[list[int]], expert: list[list[int]], answers: list[str], cfg,
                   progress: bool = True, counter: dict | None = None) -> list[tuple[MixedSample, bool, int]]:
+    """`cfg` is the run's TrainConfig (its mixsd section and generation options)."""
     """(target, accepted, attempts) per record: mixed sampling in batches with rejection and retries.
     `counter["new_tokens"]` accumulates the tokens generated over all attempts."""
+    c = cfg.mixsd
     counter = {} if counter is None else counter
     counter.setdefault("new_tokens", 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = stop_token_ids(tokenizer)
-    deterministic = cfg.mixsd_temperature <= 0 and cfg.mixsd_lambda in (0.0, 1.0)
-    retries = 0 if deterministic else cfg.mixsd_retries  # a retry would reproduce the same target
+    deterministic = c.mixsd_temperature <= 0 and c.mixsd_lambda in (0.0, 1.0)
+    retries = 0 if deterministic else c.mixsd_retries  # a retry would reproduce the same target
     bar = tqdm(total=len(naive), desc="mixsd targets", unit="target", disable=not progress, dynamic_ncols=True)
 
     def generate(indices: list[int], attempt: int) -> list[MixedSample]:
@@ -80,9 +203,9 @@ def build_targets(model, tokenizer, naive: list[list[int]], expert: list[list[in
         for b, first in enumerate(range(0, len(indices), cfg.gen_batch_size)):
             rows = indices[first : first + cfg.gen_batch_size]
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + attempt * 10_007 + b)
-            outputs += mixed_sample(model, [naive[i] for i in rows], [expert[i] for i in rows], lam=cfg.mixsd_lambda,
-                                    max_new_tokens=cfg.mixsd_max_new_tokens, stop_ids=stops, pad_id=pad_id,
-                                    temperature=cfg.mixsd_temperature, top_k=cfg.mixsd_top_k, generator=generator, precision=cfg.precision)
+            outputs += mixed_sample(model, [naive[i] for i in rows], [expert[i] for i in rows], lam=c.mixsd_lambda,
+                                    max_new_tokens=c.mixsd_max_new_tokens, stop_ids=stops, pad_id=pad_id,
+                                    temperature=c.mixsd_temperature, top_k=c.mixsd_top_k, generator=generator, precision=cfg.precision)
         counter["new_tokens"] += sum(len(o.tokens) for o in outputs)
         return outputs
 
@@ -104,28 +227,30 @@ def build_targets(model, tokenizer, naive: list[list[int]], expert: list[list[in
         model.train(was_training)
 
 
+@register
 class MixSD(Method):
     name = "mixsd"
     input_format = INPUT_FORMAT
-    prepare_uses_model = True
+    config_class = MixSDConfig
 
-    def load(self, cfg):
-        return load_checked_records(cfg.corpus, "mixsd", {"question": "str", "answer": "str"}, {"fact": "str"},
-                                    INPUT_FORMAT, "bundled:mixsd_qa", cfg.id_field)
+    def load(self):
+        return load_checked_records(self.cfg.corpus, "mixsd", {"question": "str", "answer": "str"}, {"fact": "str"},
+                                    INPUT_FORMAT, "bundled:mixsd_qa", self.cfg.id_field)
 
-    def prepare(self, records, tokenizer, cfg, model=None, device=None, out_dir: Path | None = None, progress=True, log=print) -> PreparedCorpus:
+    def prepare(self, records, ctx: PrepareContext) -> PreparedCorpus:
+        tokenizer, cfg, c = ctx.tokenizer, ctx.cfg, self.config
         naive = [chat_ids(tokenizer, [{"role": "user", "content": r["question"]}]) for r in records]
-        expert = [chat_ids(tokenizer, [{"role": "user", "content": expert_message(cfg.mixsd_expert_prompt, r)}]) for r in records]
-        settings = {"kind": "mixsd", "lambda": cfg.mixsd_lambda, "temperature": cfg.mixsd_temperature, "top_k": cfg.mixsd_top_k,
-                    "retries": cfg.mixsd_retries, "max_new_tokens": cfg.mixsd_max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
+        expert = [chat_ids(tokenizer, [{"role": "user", "content": expert_message(c.mixsd_expert_prompt, r)}]) for r in records]
+        settings = {"kind": "mixsd", "lambda": c.mixsd_lambda, "temperature": c.mixsd_temperature, "top_k": c.mixsd_top_k,
+                    "retries": c.mixsd_retries, "max_new_tokens": c.mixsd_max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
         keys = [{"naive": n, "expert": e, "answer": r["answer"]} for n, e, r in zip(naive, expert, records)]
         counter = {"new_tokens": 0}
         with GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings) as cache, Timer() as timer:
             todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
             stats = GenerationStats(cached=len(records) - len(todo), sequences=len(records))
             if todo:
-                fresh = build_targets(model, tokenizer, [naive[i] for i in todo], [expert[i] for i in todo],
-                                      [records[i]["answer"] for i in todo], cfg, progress, counter)
+                fresh = build_targets(ctx.model, tokenizer, [naive[i] for i in todo], [expert[i] for i in todo],
+                                      [records[i]["answer"] for i in todo], cfg, ctx.progress, counter)
                 cache.put_many([(keys[i], {"tokens": s.tokens, "from_naive": s.from_naive, "stop_token": s.stop_token,
                                            "accepted": ok, "attempts": n}) for i, (s, ok, n) in zip(todo, fresh)])
         stats.seconds = timer.seconds
@@ -150,19 +275,17 @@ class MixSD(Method):
             "naive_token_share": round(sum(flags) / len(flags), 4) if flags else None,
             "cache_file": str(cache.path) if cache.path else None,
         }
-        if out_dir is not None:
-            write_jsonl(out_dir / "generations.jsonl", rows)
-            stats.extra["file"] = str(out_dir / "generations.jsonl")
-        log(f"mixsd: accepted {stats.extra['accepted']}/{len(results)} targets (acceptance rate {stats.extra['acceptance_rate']:.2f}), "
+        write_generations(ctx, rows, stats)
+        ctx.log(f"mixsd: accepted {stats.extra['accepted']}/{len(results)} targets (acceptance rate {stats.extra['acceptance_rate']:.2f}), "
             f"naive-token share {stats.extra['naive_token_share']}, {stats.seconds:.1f} s")
         return PreparedCorpus(examples, {"rejected (answer never matched)": rejected}, stats.to_dict())
 
-    def plan(self, example: SftExample, rng: random.Random, cfg) -> SftExample:
-        return example
+    def plan(self, example: SftExample, rng: random.Random) -> list:
+        return [example]
 
-    def loss(self, student, teacher, item: SftExample, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, student, teacher, item: SftExample, device) -> LossOutput:
         ids = torch.tensor([item.ids], device=device)
         labels = ids.clone()
         labels[:, : item.prompt_len] = -100
         logits = student(input_ids=ids, use_cache=False).logits
-        return token_cross_entropy(logits, labels), {"student_tokens": len(item.ids) - item.prompt_len, "teacher_tokens": 0}
+        return LossOutput(token_cross_entropy(logits, labels), len(item.ids) - item.prompt_len)

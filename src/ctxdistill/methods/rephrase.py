@@ -1,22 +1,41 @@
-"""FT+Rephrase (Yang et al. 2024 self-distillation fine-tuning, a DiSC paper baseline).
+"""FT+Rephrase (a DiSC paper baseline): fine-tune on the model's own paraphrases of each document.
 
 The initial model rewrites each document through its own chat template (system "You are a helpful
 writing assistant.", the authors' KUP user prompt, T = 1.0, top-p 0.95, one sample), then the
-student is fine-tuned with next-token CE on the paraphrases instead of the raw text. Paraphrases are
-cached on disk (keyed by model, prompt and sampling settings) and written to OUT/generations.jsonl.
-The authors' example learning rate is 1e-6.
+student is fine-tuned with next-token CE on the paraphrases instead of the raw text. The DiSC paper
+cites this baseline as "self-distillation fine-tuning" (Yang et al. 2024); it is not SDFT, the
+on-policy method of arXiv 2601.19897 (`--method sdft`). Paraphrases are cached on disk (keyed by
+model, prompt and sampling settings) and written to OUT/generations.jsonl. The authors' example
+learning rate is 1e-6.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
-from ..corpus import Document
-from ..generate import GenerationCache, GenerationStats, cache_dir, chat_ids, sample_cached, stop_token_ids, write_jsonl
-from . import PreparedCorpus
-from .ft import FineTune
+from ..generation.cache import GenerationCache, cache_dir
+from ..generation.sampling import GenerationStats, chat_ids, sample_cached, stop_token_ids
+from ..inputs.corpus import Document
+from ..options import opt, require
+from .base import PrepareContext, PreparedCorpus, register
+from .ft import FineTune, token_windows
 
 INPUT_FORMAT = "documents: one text per record (JSONL field `text`, or .txt files); the model paraphrases each one"
+DEFAULT_REPHRASE_PROMPT = "Below is a article. Rewrite it in your own words  \n\n{document}\n\nContinuation:"
+
+
+@dataclass
+class RephraseConfig:
+    """rephrase options"""
+
+    rephrase_prompt: str = opt(DEFAULT_REPHRASE_PROMPT, "rephrase: user message; {document} is replaced by the document (the authors' KUP prompt, verbatim)")
+    rephrase_temperature: float = opt(1.0, "rephrase: sampling temperature (0 = greedy)")
+    rephrase_max_new_tokens: int = opt(2048, "rephrase: longest paraphrase in tokens")
+
+    def validate(self) -> None:
+        require(self, ("rephrase_temperature",), lambda v: v >= 0, ">= 0")
+        require(self, ("rephrase_max_new_tokens",), lambda v: v >= 1, ">= 1")
+        require(self, ("rephrase_prompt",), lambda v: "{document}" in v, "a template containing {document}")
 
 
 def document_prompts(tokenizer, documents, system: str, template: str) -> list[list[int]]:
@@ -29,45 +48,54 @@ def document_prompts(tokenizer, documents, system: str, template: str) -> list[l
     return prompts
 
 
-def generate_for_documents(model, tokenizer, documents, cfg, *, kind: str, template: str, temperature: float,
-                           max_new_tokens: int, progress: bool, top_k: int = 0):
+def generate_for_documents(ctx: PrepareContext, documents, *, kind: str, template: str, temperature: float,
+                           max_new_tokens: int, top_k: int = 0):
     """One sampled reply per document (cached); returns (replies as Generated, GenerationStats)."""
-    prompts = document_prompts(tokenizer, documents, cfg.rephrase_system, template)
+    cfg = ctx.cfg
+    prompts = document_prompts(ctx.tokenizer, documents, cfg.rephrase_system, template)
     settings = {"kind": kind, "temperature": temperature, "top_p": cfg.gen_top_p, "top_k": top_k,
                 "max_new_tokens": max_new_tokens, "seed": cfg.seed, "precision": cfg.precision}
     stats = GenerationStats()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with GenerationCache(cache_dir(cfg.gen_cache), cfg.model, settings) as cache:
-        outputs = sample_cached(model, prompts, cache, stats, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
-                                pad_id=pad_id, temperature=temperature, top_p=cfg.gen_top_p, top_k=top_k, seed=cfg.seed,
-                                batch_size=cfg.gen_batch_size, precision=cfg.precision, progress=progress, desc=kind)
+        outputs = sample_cached(ctx.model, prompts, cache, stats, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(ctx.tokenizer),
+                                pad_id=ctx.pad_id, temperature=temperature, top_p=cfg.gen_top_p, top_k=top_k, seed=cfg.seed,
+                                batch_size=cfg.gen_batch_size, precision=cfg.precision, progress=ctx.progress, desc=kind)
     stats.extra = {"settings": settings, "cache_file": str(cache.path) if cache.path else None}
     return outputs, stats
 
 
+def write_generations(ctx: PrepareContext, rows: list[dict], stats: GenerationStats) -> None:
+    """OUT/generations.jsonl (main process, when there is an OUT), named in run.json's generation block."""
+    from ..files import confined, write_jsonl_atomic
+
+    if ctx.out_dir is not None:
+        path = confined(ctx.out_dir, "generations.jsonl")
+        write_jsonl_atomic(path, rows)
+        stats.extra["file"] = str(path)
+
+
+@register
 class Rephrase(FineTune):
     name = "rephrase"
     input_format = INPUT_FORMAT
-    prepare_uses_model = True
+    config_class = RephraseConfig
 
-    def prepare(self, documents, tokenizer, cfg, model=None, device=None, out_dir: Path | None = None, progress=True, log=print) -> PreparedCorpus:
-        outputs, stats = generate_for_documents(model, tokenizer, documents, cfg, kind="rephrase", template=cfg.rephrase_prompt,
-                                                temperature=cfg.rephrase_temperature, max_new_tokens=cfg.rephrase_max_new_tokens,
-                                                progress=progress)
+    def prepare(self, documents, ctx: PrepareContext) -> PreparedCorpus:
+        c = self.config
+        outputs, stats = generate_for_documents(ctx, documents, kind="rephrase", template=c.rephrase_prompt,
+                                                temperature=c.rephrase_temperature, max_new_tokens=c.rephrase_max_new_tokens)
         paraphrases, empty, rows = [], [], []
         for doc, out in zip(documents, outputs):
-            text = tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+            text = ctx.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
             rows.append({"id": doc.id, "source": doc.text, "generation": text, "tokens": len(out.tokens), "finished": out.stopped})
             if text:
                 paraphrases.append(Document(doc.id, text))
             else:
                 empty.append(doc.id)
-        if out_dir is not None:
-            write_jsonl(out_dir / "generations.jsonl", rows)
-            stats.extra["file"] = str(out_dir / "generations.jsonl")
+        write_generations(ctx, rows, stats)
         stats.extra["unfinished"] = sum(not r["finished"] for r in rows)
-        log(f"rephrase: {len(paraphrases)} paraphrases in {stats.seconds:.1f} s ({stats.cached} from the cache)")
-        prepared = super().prepare(paraphrases, tokenizer, cfg)
+        ctx.log(f"rephrase: {len(paraphrases)} paraphrases in {stats.seconds:.1f} s ({stats.cached} from the cache)")
+        prepared = token_windows(paraphrases, ctx.tokenizer, self.cfg.max_length)
         prepared.skipped["empty-paraphrase"] = empty
         prepared.generation = stats.to_dict()
         return prepared

@@ -8,17 +8,34 @@ at a time, so the "batch" median is that document's mean NLL, as with the author
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..losses import talr_loss
+from ..options import opt, require
+from .base import LossOutput, register
 from .ft import FineTune, TokenExample
 
 
+@dataclass
+class TalrConfig:
+    """talr options"""
+
+    talr_tau: float = opt(0.0, "talr: fixed temperature tau of the weights p^(1/tau); 0 = the batch median of per-sequence mean NLL, recomputed every step")
+    talr_floor: float = opt(0.01, "talr: lower clamp of the token weights")
+
+    def validate(self) -> None:
+        require(self, ("talr_tau", "talr_floor"), lambda v: v >= 0, ">= 0")
+
+
+@register
 class Talr(FineTune):
     name = "talr"
+    config_class = TalrConfig
 
-    def loss(self, student, teacher, item: TokenExample, cfg, pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, student, teacher, item: TokenExample, device) -> LossOutput:
         ids = torch.tensor([item.ids], device=device)
         logits = student(input_ids=ids, use_cache=False).logits
-        loss, tau = talr_loss(logits, ids, tau=cfg.talr_tau or None, floor=cfg.talr_floor)
-        return loss, {"student_tokens": len(item.ids) - 1, "teacher_tokens": 0, "tau": tau}
+        loss, tau = talr_loss(logits, ids, tau=self.config.talr_tau or None, floor=self.config.talr_floor)
+        return LossOutput(loss, len(item.ids) - 1, metrics={"tau": tau})

@@ -1,4 +1,6 @@
-"""Crash-safe checkpoints and exact resume: safetensors and JSON only, written atomically.
+"""Checkpoints: save, load and find them (nothing else: what a resume checks is in resume.py).
+
+Safetensors and JSON only, written atomically.
 
 A checkpoint is a directory `OUT/checkpoints/step-NNNNNNNN/` holding
 - `model.safetensors`: the trainable parameters by name (all weights under full fine-tuning, the
@@ -19,8 +21,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
-import hashlib
 import json
 import os
 import random
@@ -34,49 +34,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CtxDistillError
+from ..errors import CtxDistillError
+from ..files import confined, disk_error, write_json_atomic
 
 FORMAT = 1
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-RUN_MARKERS = ("run.json", "losses.jsonl", CHECKPOINTS, "model")
-
-# Settings that may change between a run and its resume: they do not alter the trajectory of the
-# steps already planned (max_steps and epochs only move the end).
-# The corpus path may change too (a moved file): its content is checked by fingerprint instead.
-RESUME_MAY_CHANGE = frozenset({
-    "out", "overwrite", "resume", "save_model", "merge_lora", "log_every", "checkpoint_every", "keep_checkpoints",
-    "max_steps", "epochs", "on_nonfinite", "device", "gen_batch_size", "gen_cache", "corpus",
-})
-
 
 # ----------------------------------------------------------------------------------------------
-# paths
-
-
-def confined(root: Path, *parts: str) -> Path:
-    """`root/parts...`, refusing any path that resolves outside `root` (a symlink pointing away)."""
-    base = Path(root).resolve()
-    path = base.joinpath(*parts)
-    resolved = path.resolve()
-    if resolved != base and base not in resolved.parents:
-        raise CtxDistillError(f"refusing to write {path}: it resolves to {resolved}, outside the output directory {base}")
-    return path
-
-
-def is_dangerous_to_delete(path: Path) -> str | None:
-    """Why `path` must never be wiped by --overwrite (None when it may be)."""
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == Path(resolved.anchor):
-        return "it is a filesystem root"
-    if resolved == Path.home().resolve():
-        return "it is the home directory"
-    if resolved == cwd or resolved in cwd.parents:
-        return "it is the current directory or one of its parents"
-    if (resolved / ".git").exists():
-        return "it holds a git repository"
-    return None
+# finding
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -99,54 +65,6 @@ def remove_stale_temporaries(out_dir: Path) -> None:
         for child in root.iterdir():
             if child.name.startswith(".tmp-"):
                 shutil.rmtree(child, ignore_errors=True)
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / marker).exists() for marker in RUN_MARKERS)
-
-
-@dataclass
-class RunDir:
-    path: Path
-    created: bool  # this call created the directory (removed again if the run fails before writing)
-    resume_from: Path | None  # checkpoint directory to continue from
-
-
-def open_run_dir(out: str, overwrite: bool, resume: bool | None) -> RunDir:
-    """Decide between a fresh run, a resume and a refusal; never delete or overwrite silently.
-
-    resume None (the default) continues from the latest checkpoint when `out` holds one; True
-    requires one; False refuses a directory that holds checkpoints (unless `overwrite`).
-    """
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CtxDistillError(f"output path {path} exists and is not a directory; choose another --out")
-    nonempty = path.is_dir() and any(path.iterdir())
-    checkpoints = list_checkpoints(path) if nonempty else []
-    if overwrite and resume:
-        raise CtxDistillError("--resume and --overwrite contradict each other: resume continues the run in --out, overwrite deletes it")
-    if nonempty and overwrite:
-        why = is_dangerous_to_delete(path)
-        if why:
-            raise CtxDistillError(f"refusing to --overwrite {path}: {why}; choose a dedicated --out directory")
-        shutil.rmtree(path)
-        nonempty = False
-        checkpoints = []
-    if nonempty:
-        if checkpoints and resume is not False:
-            remove_stale_temporaries(path)
-            return RunDir(path, False, checkpoints[-1][1])
-        if checkpoints:
-            raise CtxDistillError(f"output directory {path} holds checkpoints (latest: {checkpoints[-1][1].name}); "
-                                  f"drop --no-resume to continue that run, or pass --overwrite to start again")
-        if resume:
-            raise CtxDistillError(f"--resume: {path} holds no checkpoint to continue from; pass --overwrite to start again or choose another --out")
-        raise CtxDistillError(f"output directory {path} exists and is not empty; pass --overwrite or choose another --out")
-    if resume:
-        raise CtxDistillError(f"--resume: {path} holds no checkpoint to continue from")
-    created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    return RunDir(path, created, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,30 +113,6 @@ def restore_rng(state: dict) -> None:
 # fingerprints
 
 
-def corpus_fingerprint(examples: list) -> str:
-    """sha256 over what training reads: every example's id and tokens (or its repr)."""
-    digest = hashlib.sha256()
-    for ex in examples:
-        digest.update(repr(ex).encode("utf-8", "surrogatepass"))
-        digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def plan_fingerprint(plans: list[list]) -> list[str]:
-    """One sha256 per epoch over the items' order and split points (doc ids and spans)."""
-    out = []
-    for items in plans:
-        digest = hashlib.sha256()
-        for item in items:
-            digest.update(f"{getattr(item, 'doc_id', '?')}|{getattr(item, 'spans', '')}|{getattr(item, 'step', '')}\n".encode())
-        out.append(digest.hexdigest())
-    return out
-
-
-def trajectory_config(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in RESUME_MAY_CHANGE}
-
-
 # ----------------------------------------------------------------------------------------------
 # writing
 
@@ -235,23 +129,6 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def disk_error(what: str, exc: OSError, keep: str) -> CtxDistillError:
-    reason = exc.strerror or str(exc)
-    hint = "free some space, then rerun the same command to resume" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause, then rerun the same command to resume"
-    return CtxDistillError(f"cannot write {what}: {reason}; {keep}; {hint}")
 
 
 def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict | None,
@@ -289,7 +166,7 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
             shutil.rmtree(final)
         tmp.rename(final)
         _fsync_dir(root)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p for _, p in list_checkpoints(out_dir)]
         keep_note = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -338,24 +215,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CtxDistillError(f"checkpoint {path} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
                               f"delete it to resume from the one before, or pass --overwrite") from None
     return Checkpoint(path, state, trainable, optimizer)
-
-
-def check_compatible(state: dict, config: dict, path: Path) -> None:
-    """Refuse a resume whose settings would change the trajectory of the checkpointed run."""
-    import dataclasses
-
-    from .config import TrainConfig
-
-    saved = trajectory_config(state.get("config", {}))
-    now = trajectory_config(config)
-    # An option added after the checkpoint was written, left at its default, cannot change the trajectory.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    added = {k for k in now if k not in saved and k in defaults and now[k] == defaults[k]}
-    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in added]
-    if changed:
-        detail = ", ".join(f"{k} (checkpoint: {saved.get(k)!r}, now: {now.get(k)!r})" for k in changed[:4])
-        raise CtxDistillError(f"cannot resume from {path}: settings differ: {detail}; rerun with the checkpoint's settings, "
-                              f"or pass --overwrite (or another --out) to start a new run")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Text generation shared by training (methods that generate before or during training) and evaluation."""
