@@ -260,6 +260,7 @@ class Sdft(Method):
         self.ema_shadow: dict[str, torch.Tensor] | None = None  # LoRA + ema: the shadow adapter
         self.pending_rollouts: dict = {}  # restored from a checkpoint, used before drawing anew
         self.open_windows: dict[int, RolloutWindow] = {}  # windows holding rollouts not trained on yet
+        self.ema_synced = False  # after_step was called, or the EMA was restored from a checkpoint
         self._planning_rng = None
         self._position = 0
         self._window: RolloutWindow | None = None
@@ -381,8 +382,9 @@ class Sdft(Method):
     def questions_for_documents(self, documents, ctx: PrepareContext):
         """`sdft_questions_per_document` questions per document from the initial model (chat template, seeded,
         cached like rephrase's paraphrases), written to OUT/generations.jsonl; the document is the privileged context."""
-        from ..generation.sampling import (GenerationCache, GenerationStats, cache_dir, chat_ids, sample_cached, stop_token_ids,
-                                           write_jsonl)
+        from ..generation.cache import GenerationCache, cache_dir
+        from ..generation.sampling import GenerationStats, chat_ids, sample_cached, stop_token_ids
+        from .rephrase import write_generations
 
         cfg, c = self.cfg, self.config
         if ctx.model is None:
@@ -413,9 +415,7 @@ class Sdft(Method):
                 rows.append({"id": rid, "document_id": doc.id, "question": question, "tokens": len(out.tokens), "finished": out.stopped})
         asked = {doc_id for doc_id, _ in seen}
         no_question = [doc.id for doc in documents if doc.id not in asked]
-        if ctx.out_dir is not None:
-            write_jsonl(ctx.out_dir / "generations.jsonl", rows)
-            stats.extra["file"] = str(ctx.out_dir / "generations.jsonl")
+        write_generations(ctx, rows, stats)
         stats.extra |= {"settings": settings, "cache_file": str(cache.path) if cache.path else None, "questions": len(records)}
         ctx.log(f"sdft: {len(records)} questions for {len(documents)} documents in {stats.seconds:.1f} s ({stats.cached} from the cache)")
         return records, stats.to_dict(), {"no-usable-question": no_question}
@@ -515,6 +515,7 @@ class Sdft(Method):
         from ..models import final_hidden_states, plain_lm_head
 
         c = self.config
+        self.check_ema_hook(items)
         rollouts, counts = self.rollouts(student, items, device)
         skip = c.sdft_loss_tokens_to_skip
         rows = [(item, comp, old) for item, r in zip(items, rollouts)
@@ -558,10 +559,20 @@ class Sdft(Method):
 
     # -- teacher state --------------------------------------------------------------------------------
 
+    def check_ema_hook(self, items: list[SdftItem]) -> None:
+        """An ema teacher that was never updated (the loop does not call `after_step`) would silently be `base`."""
+        c = self.config
+        if c.sdft_teacher != "ema" or self.ema_synced:
+            return
+        if min(i.position for i in items) // self.cfg.docs_per_step >= c.sdft_teacher_sync_steps:
+            raise CtxDistillError("sdft_teacher ema: the teacher was never updated; the training loop must call Sdft.after_step "
+                                  "after every optimizer step and keep Sdft.state_dict in its checkpoints (see methods/sdft.py)")
+
     @torch.no_grad()
     def after_step(self, student, teacher, step: int) -> None:
         """The EMA teacher's update after optimizer step `step` (TRL: on_step_end when global_step % sync == 0)."""
         c = self.config
+        self.ema_synced = True
         if c.sdft_teacher != "ema" or step % c.sdft_teacher_sync_steps:
             return
         rate = c.sdft_ema_rate
@@ -582,30 +593,32 @@ class Sdft(Method):
         return self.ema_shadow
 
     def state_dict(self, teacher=None) -> dict:
-        """What a checkpoint must hold for an exact resume: the EMA weights, and rollouts drawn but not trained on."""
-        state: dict = {"rollouts": {f"{k[0]}\t{k[1]}": {"completions": [list(t) for t in r.completions],
-                                                        "old_logprobs": [o.tolist() for o in r.old_logprobs] if r.old_logprobs else None}
-                                    for w in self.open_windows.values() for k, r in w.rollouts.items()}}
+        """What a checkpoint must hold for an exact resume: {"tensors": the EMA weights (full FT: the teacher;
+        LoRA: the shadow adapter; the same on every process), "json": this process's rollouts drawn but not
+        trained on yet (sdft_generate_every > 1)}."""
+        rollouts = {f"{k[0]}\t{k[1]}": {"completions": [list(t) for t in r.completions],
+                                        "old_logprobs": [o.tolist() for o in r.old_logprobs] if r.old_logprobs else None}
+                    for w in self.open_windows.values() for k, r in w.rollouts.items()}
+        tensors = {}
         if self.config.sdft_teacher == "ema":
-            if self.cfg.student == "lora":
-                state["ema"] = {k: v.detach().cpu() for k, v in (self.ema_shadow or {}).items()}
-            elif teacher is not None:
-                state["ema"] = {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}
-        return state
+            source = (self.ema_shadow or {}) if self.cfg.student == "lora" else (teacher.model.state_dict() if teacher is not None else {})
+            tensors = {k: v.detach().cpu() for k, v in source.items()}
+        return {"tensors": tensors, "json": {"rollouts": rollouts}}
 
-    def load_state_dict(self, state: dict, student=None, teacher=None) -> None:
-        for key, value in state.get("rollouts", {}).items():
+    def load_state_dict(self, state: dict, teacher=None) -> None:
+        for key, value in state.get("json", {}).get("rollouts", {}).items():
             doc_id, seed = key.rsplit("\t", 1)
             olds = value.get("old_logprobs")
             self.pending_rollouts[(doc_id, int(seed))] = Rollout([tuple(t) for t in value["completions"]],
                                                                  [torch.tensor(o) for o in olds] if olds else None)
-        ema = state.get("ema")
-        if ema is None:
+        ema = state.get("tensors")
+        if not ema or self.config.sdft_teacher != "ema":
             return
         if self.cfg.student == "lora":
             self.ema_shadow = {k: v.float().clone() for k, v in ema.items()}
-        elif teacher is not None:
+        else:
             teacher.model.load_state_dict(ema)
+        self.ema_synced = True
 
 
 # -- batches and the teacher view ---------------------------------------------------------------------------
