@@ -354,7 +354,7 @@ def test_teacher_kinds_lora(tiny_model_dir, records_file, tokenizer, kind):
         assert set(state["tensors"]) == set(before)
 
 
-def test_ema_full_finetuning_moves_the_frozen_copy(tiny_model_dir, records_file, tokenizer):
+def test_ema_full_finetuning_moves_the_frozen_copy(tiny_model_dir, records_file, tokenizer, tmp_path):
     from conftest import tiny_llama
     from ctxdistill.teachers import Teacher
 
@@ -367,6 +367,12 @@ def test_ema_full_finetuning_moves_the_frozen_copy(tiny_model_dir, records_file,
     target = dict(student.named_parameters())
     for n, p in teacher.model.named_parameters():
         assert torch.allclose(p, 0.75 * start[n] + 0.25 * target[n], atol=1e-6)
+    from safetensors.torch import load_file, save_file
+
+    save_file(method.state_dict(teacher)["tensors"], str(tmp_path / "method.safetensors"))  # as a checkpoint would
+    fresh, again = prepared(method.cfg, tokenizer)[0], Teacher(model=tiny_llama(len(tokenizer)))
+    fresh.load_state_dict({"tensors": load_file(str(tmp_path / "method.safetensors"))}, again)
+    assert all(torch.equal(p, dict(teacher.model.named_parameters())[n]) for n, p in again.model.named_parameters())
 
 
 def test_generate_every_reuses_the_window_and_checkpoints_it(tiny_model_dir, records_file, tokenizer):

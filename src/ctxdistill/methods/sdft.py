@@ -39,14 +39,18 @@ Completions are drawn with a seed each item gets from the data order (`plan`), i
 resumed run draws the same completions without touching the training RNG.
 
 Contract additions this method needs from the loop (not in methods/base.py yet):
-1. `method.after_step(student, teacher, step)` after every optimizer step (step = optimizer steps done):
-   the EMA teacher update. Without it `ema` stays at the initial weights (= `base`).
-2. `method.state_dict()` in every checkpoint and `method.load_state_dict(state)` on resume: the EMA weights
-   (full FT: the whole teacher; LoRA: the shadow adapter) and, with `sdft_generate_every > 1`, the rollouts
-   drawn but not yet trained on. Without them a resumed `ema` run restarts the average and a resumed
-   mid-window run redraws the window's remaining rollouts from the resumed weights.
+1. After `self.optimizer.step()` and `state.step += 1` in `Loop.step` (training/loop.py):
+   `self.method.after_step(self.unwrapped, self.teacher, state.step)` (a no-op default on `Method`): the
+   EMA teacher's update. Until then an `ema` run stops with a clear error at its first sync step rather
+   than silently training against `base`.
+2. `Loop.checkpoint`: `part = self.method.state_dict(self.teacher)`; save `part["tensors"]` (the EMA
+   weights, the same on every process) as OUT/checkpoints/step-N/method.safetensors and
+   `rt.gather_json(part["json"])` (per process, like the RNG states: rollouts drawn but not trained on,
+   only with `sdft_generate_every > 1`) in state.json; on resume, after `build_teacher`:
+   `self.method.load_state_dict({"tensors": ..., "json": <this rank's>}, teacher)`. Default on `Method`:
+   `state_dict` -> {"tensors": {}, "json": {}}, `load_state_dict` a no-op.
 3. Sharded engines (FSDP/DeepSpeed ZeRO-3) must gather the weights for `generate` (TRL's
-   unwrap_model_for_generation); until then `check` refuses nothing, but such runs generate from shards.
+   unwrap_model_for_generation); until then SDFT is for single-process and data-parallel runs.
 """
 
 from __future__ import annotations
@@ -252,7 +256,6 @@ class Sdft(Method):
     input_format = INPUT_FORMAT
     config_class = SdftConfig
     batched = True
-    prepare_uses_model = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -601,8 +604,9 @@ class Sdft(Method):
                     for w in self.open_windows.values() for k, r in w.rollouts.items()}
         tensors = {}
         if self.config.sdft_teacher == "ema":
-            source = (self.ema_shadow or {}) if self.cfg.student == "lora" else (teacher.model.state_dict() if teacher is not None else {})
-            tensors = {k: v.detach().cpu() for k, v in source.items()}
+            # parameters, not state_dict(): tied weights appear once (safetensors refuses shared storage)
+            source = (self.ema_shadow or {}) if self.cfg.student == "lora" else (dict(teacher.model.named_parameters()) if teacher else {})
+            tensors = {k: v.detach().cpu().clone() for k, v in source.items()}
         return {"tensors": tensors, "json": {"rollouts": rollouts}}
 
     def load_state_dict(self, state: dict, teacher=None) -> None:
@@ -617,7 +621,9 @@ class Sdft(Method):
         if self.cfg.student == "lora":
             self.ema_shadow = {k: v.float().clone() for k, v in ema.items()}
         else:
-            teacher.model.load_state_dict(ema)
+            with torch.no_grad():
+                for name, param in teacher.model.named_parameters():
+                    param.copy_(ema[name])
         self.ema_synced = True
 
 
