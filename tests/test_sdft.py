@@ -416,6 +416,17 @@ def test_bad_records_fail_before_any_model_loads(tiny_model_dir, tmp_path, monke
         get_method(sdft_config(tiny_model_dir, corpus, max_length=64)).load()
 
 
+def test_contradictory_teacher_options_are_refused(tiny_model_dir, records_file):
+    with pytest.raises(CtxDistillError, match="teacher_cache"):  # rollouts are drawn during training: nothing to cache
+        sdft_config(tiny_model_dir, records_file, teacher_cache="somewhere")
+    with pytest.raises(CtxDistillError, match="sdft_teacher ema is built from the student"):
+        sdft_config(tiny_model_dir, records_file, sdft_teacher="ema", teacher_model=str(tiny_model_dir))
+    with pytest.raises(CtxDistillError, match="sdft_beta must be in"):
+        sdft_config(tiny_model_dir, records_file, sdft_beta=1.5)
+    with pytest.raises(CtxDistillError, match="must contain"):
+        sdft_config(tiny_model_dir, records_file, sdft_teacher_template="{prompt} only")
+
+
 def test_bad_record_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys):
     try:
         from ctxdistill import cli

@@ -273,8 +273,9 @@ class Sdft(Method):
 
     @classmethod
     def check(cls, cfg) -> None:
-        if cfg.disc.teacher_cache:
-            raise CtxDistillError("teacher_cache is DiSC's; SDFT's teacher scores rollouts drawn during training and cannot be cached")
+        if cfg.teacher_model and cfg.sdft.sdft_teacher != "base":
+            raise CtxDistillError(f"teacher_model names a frozen teacher; sdft_teacher {cfg.sdft.sdft_teacher} is built from the student "
+                                  f"itself (use sdft_teacher base, or drop --teacher-model)")
 
     def needs_teacher(self) -> bool:
         return self.config.sdft_teacher in ("base", "ema")
