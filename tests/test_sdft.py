@@ -285,6 +285,24 @@ def test_rollouts_come_from_the_students_current_weights(tiny_model_dir, records
     assert completions(student) != first  # other weights, the same seeds: other rollouts
 
 
+def test_a_rollout_does_not_depend_on_what_shares_its_batch(tiny_model_dir, records_file, tokenizer):
+    """Each row has its own seeded stream: drawn together, alone, in another order or another process, an item's
+    rollout is the same (so 2 processes == 1 process accumulating 2, and packing changes nothing)."""
+    from conftest import tiny_llama
+    from ctxdistill.methods.sdft import sample_rows, sampled_tokens
+
+    model, (first, second) = tiny_llama(len(tokenizer)), prepared(sdft_config(tiny_model_dir, records_file), tokenizer)[1]
+    prompts, kwargs = [list(first.prompt_ids), list(second.prompt_ids)], dict(max_new_tokens=10, stop_ids=[2], pad_id=0, precision="fp32")
+    together = sample_rows(model, prompts, [11, 22], **kwargs)
+    assert sample_rows(model, prompts[::-1], [22, 11], **kwargs) == together[::-1]
+    assert [sample_rows(model, [p], [s], **kwargs)[0] for p, s in zip(prompts, [11, 22])] == together
+    assert sample_rows(model, prompts, [12, 22], **kwargs)[0] != together[0]
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert sampled_tokens(logits, torch.tensor([0.0]), 1.0).item() == 3  # the most likely token first in the CDF
+    assert sampled_tokens(logits, torch.tensor([0.999]), 1.0, top_k=2).item() == 2  # only the top 2 remain
+    assert sampled_tokens(logits, torch.tensor([0.999]), 1.0, top_p=0.5).item() == 3  # p(3) = 0.64 covers top-p 0.5
+
+
 def fixed_rollouts(method, items, completion):
     from ctxdistill.methods.sdft import Rollout
 

@@ -469,30 +469,34 @@ class Sdft(Method):
 
     @torch.no_grad()
     def draw(self, student, items: list[SdftItem], device) -> dict:
-        from ..generation.sampling import sample
-
+        """Rollouts of `items` in batches of `gen_batch_size` (left-padded, KV cache), each row seeded by its
+        item's seed alone: what an item draws does not depend on which items share its batch or process."""
         c = self.config
         copies = c.sdft_num_generations
-        prompts = [list(i.example.generation_prompt_ids) for i in items for _ in range(copies)]
+        rows = [(i, g) for i in items for g in range(copies)]
+        rows.sort(key=lambda r: -len(r[0].example.generation_prompt_ids))  # similar lengths share a batch
         started = time.perf_counter()
-        outputs = sample(student, prompts, max_new_tokens=max(i.example.max_completion for i in items), stop_ids=self.stop_ids,
-                         pad_id=self.pad_id, temperature=c.sdft_temperature, top_p=c.sdft_top_p, top_k=c.sdft_sample_top_k,
-                         seed=items[0].seed, batch_size=max(self.cfg.gen_batch_size, 1), precision=self.cfg.precision, progress=False)
+        drawn, batch = {}, max(self.cfg.gen_batch_size, 1)
+        for first in range(0, len(rows), batch):
+            part = rows[first : first + batch]
+            outs = sample_rows(student, [list(i.example.generation_prompt_ids) for i, _ in part], [i.seed * 1024 + g for i, g in part],
+                               max_new_tokens=max(i.example.max_completion for i, _ in part), stop_ids=self.stop_ids, pad_id=self.pad_id,
+                               temperature=c.sdft_temperature, top_p=c.sdft_top_p, top_k=c.sdft_sample_top_k, precision=self.cfg.precision)
+            drawn.update({(i.key, g): out for (i, g), out in zip(part, outs)})
         seconds = time.perf_counter() - started
-        stopped = 0
-        for n, item in enumerate(items):
+        for item in items:
             completions = []
-            for out in outputs[n * copies : (n + 1) * copies]:
-                tokens = list(out.tokens) + ([out.stop_token] if out.stopped else [])
-                completions.append(tuple(tokens[: item.example.max_completion]))
-                stopped += out.stopped
+            for g in range(copies):
+                tokens, stop = drawn[(item.key, g)]
+                completions.append(tuple((tokens + ([stop] if stop is not None else []))[: item.example.max_completion]))
             reused = c.sdft_generate_every > 1 and c.sdft_is_clip > 0 and not c.sdft_generate_from_teacher  # TRL: none from the teacher prompt
             old = self.rollout_logprobs(student, item, completions, device) if reused else None
             item.window.rollouts[item.key] = Rollout(completions, old)
             item.window.drawn.add(item.key)
             self.open_windows[id(item.window)] = item.window
-        return {"sdft_generation_ms": int(round(seconds * 1000)), "sdft_generated_sequences": len(prompts),
-                "sdft_generated_tokens": sum(len(o.tokens) for o in outputs), "sdft_stopped_sequences": stopped}
+        return {"sdft_generation_ms": int(round(seconds * 1000)), "sdft_generated_sequences": len(rows),
+                "sdft_generated_tokens": sum(len(t) for t, _ in drawn.values()),
+                "sdft_stopped_sequences": sum(stop is not None for _, stop in drawn.values())}
 
     def rollout_logprobs(self, student, item: SdftItem, completions, device) -> list[torch.Tensor]:
         """log π(y_t) of each drawn token under the weights that drew it (TRL's old_per_token_logps)."""
@@ -626,6 +630,73 @@ class Sdft(Method):
                 for name, param in teacher.model.named_parameters():
                     param.copy_(ema[name])
         self.ema_synced = True
+
+
+# -- rollouts: per-row seeded sampling ------------------------------------------------------------------
+
+
+def sampled_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """One token per row of [B, V] logits from softmax(logits / T), restricted to the top-k and to the smallest
+    set of mass >= top_p, by inverse CDF at the row's uniform draw in [0, 1)."""
+    probs, order = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
+    if top_k > 0:
+        probs[:, top_k:] = 0
+    if top_p < 1:
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True)
+    return order.gather(-1, picked.clamp(max=logits.shape[-1] - 1))[:, 0]
+
+
+def cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample_rows(model, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int, stop_ids, pad_id: int,
+                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, precision: str = "bf16") -> list[tuple[list[int], int | None]]:
+    """(tokens before the stop token, the stop token or None) per prompt: one left-padded batch with a KV cache,
+    row i drawing from its own generator seeded with `seeds[i]` (one uniform per row and step), so a row's
+    rollout is the same whatever else shares the batch, and the run's RNG is untouched."""
+    from transformers import DynamicCache
+
+    from ..generation.sampling import cut_at_stop, left_pad
+    from ..runtime import autocast
+    from .mixsd import positions_from_mask
+
+    device = next(model.parameters()).device
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    cache = {cache_argument(model): DynamicCache(config=model.config)}  # filled in place step by step
+    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, precision):
+            ids, mask = left_pad(prompts, pad_id, device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1,
+                           **cache).logits[:, -1]
+            position = mask.sum(-1)
+            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+            tokens = []
+            for _ in range(max_new_tokens):
+                uniforms = torch.stack([torch.rand((), generator=g) for g in generators])
+                chosen = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long),
+                                     sampled_tokens(logits, uniforms, temperature, top_p, top_k))
+                tokens.append(chosen)
+                done |= torch.isin(chosen, stop)
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True, **cache).logits[:, -1]
+                position = position + 1
+    finally:
+        model.train(was_training)
+    rows = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in prompts]
+    return [cut_at_stop(row, set(stop_ids)) for row in rows]
 
 
 # -- batches and the teacher view ---------------------------------------------------------------------------
