@@ -264,6 +264,7 @@ class Sdft(Method):
         self.pending_rollouts: dict = {}  # restored from a checkpoint, used before drawing anew
         self.open_windows: dict[int, RolloutWindow] = {}  # windows holding rollouts not trained on yet
         self.ema_synced = False  # after_step was called, or the EMA was restored from a checkpoint
+        self.rollout_seconds = 0.0  # spent drawing rollouts in the current loss call
         self._planning_rng = None
         self._position = 0
         self._window: RolloutWindow | None = None
@@ -494,8 +495,8 @@ class Sdft(Method):
             item.window.rollouts[item.key] = Rollout(completions, old)
             item.window.drawn.add(item.key)
             self.open_windows[id(item.window)] = item.window
-        return {"sdft_generation_ms": int(round(seconds * 1000)), "sdft_generated_sequences": len(rows),
-                "sdft_generated_tokens": sum(len(t) for t, _ in drawn.values()),
+        self.rollout_seconds = seconds
+        return {"sdft_generated_sequences": len(rows), "sdft_generated_tokens": sum(len(t) for t, _ in drawn.values()),
                 "sdft_stopped_sequences": sum(stop is not None for _, stop in drawn.values())}
 
     def rollout_logprobs(self, student, item: SdftItem, completions, device) -> list[torch.Tensor]:
@@ -524,6 +525,7 @@ class Sdft(Method):
 
         c = self.config
         self.check_ema_hook(items)
+        self.rollout_seconds = 0.0
         rollouts, counts = self.rollouts(student, items, device)
         skip = c.sdft_loss_tokens_to_skip
         rows = [(item, comp, old) for item, r in zip(items, rollouts)
@@ -559,9 +561,8 @@ class Sdft(Method):
                                                                                c.sdft_is_clip, c.sdft_temperature)
                     loss = (per_position * weights).sum()
         lengths = [len(comp) for _, comp, _ in rows]
-        metrics = {"completion_tokens": sum(lengths) / max(len(lengths), 1)}
-        if counts:
-            metrics["generation_s"] = counts["sdft_generation_ms"] / 1000
+        # counts stay deterministic (resume and process-count checks compare them); the rollout time is a metric
+        metrics = {"completion_tokens": sum(lengths) / max(len(lengths), 1), "generation_s": round(self.rollout_seconds, 4)}
         return LossOutput(loss, student_tokens=loss_tokens, teacher_tokens=int(teacher_batch.attention.sum()), metrics=metrics,
                           counts=counts)
 
