@@ -35,8 +35,10 @@ Text prompts are tokenised as text (as TRL); chat prompts through the tokenizer'
 
 Sampling (TRL's defaults): T 1.0, top-p 1, no top-k, 256 completion tokens; one completion per prompt per
 step (`sdft_num_generations`; TRL's 8 rollouts of one prompt per step is `--sdft-num-generations 8`).
-Completions are drawn with a seed each item gets from the data order (`plan`), inside a forked RNG, so a
-resumed run draws the same completions without touching the training RNG.
+Rollouts come from the student's current weights at the step that trains on them (or, with
+`sdft_generate_every N`, at the first of N steps), in KV-cached batches (`sample_rows`). Each row draws
+from its own generator, seeded by the item's seed from the data order (`plan`): a resumed run, another
+process count or another packing draws the same rollouts, and the training RNG is not touched.
 
 Contract additions this method needs from the loop (not in methods/base.py yet):
 1. After `self.optimizer.step()` and `state.step += 1` in `Loop.step` (training/loop.py):
@@ -49,7 +51,10 @@ Contract additions this method needs from the loop (not in methods/base.py yet):
    only with `sdft_generate_every > 1`) in state.json; on resume, after `build_teacher`:
    `self.method.load_state_dict({"tensors": ..., "json": <this rank's>}, teacher)`. Default on `Method`:
    `state_dict` -> {"tensors": {}, "json": {}}, `load_state_dict` a no-op.
-3. Sharded engines (FSDP/DeepSpeed ZeRO-3) must gather the weights for `generate` (TRL's
+3. Rollout time: `LossOutput` has no timing channel, so it is the per-step metric `generation_s` in
+   losses.jsonl (counts must stay deterministic). Proposed: `LossOutput.seconds: dict[str, float]`, summed
+   by the loop into run.json `timings_s` (here {"rollouts": ...}, next to "train").
+4. Sharded engines (FSDP/DeepSpeed ZeRO-3) must gather the weights for `generate` (TRL's
    unwrap_model_for_generation); until then SDFT is for single-process and data-parallel runs.
 """
 
