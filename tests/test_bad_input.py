@@ -69,14 +69,14 @@ def test_bad_corpus(case, tiny_model_dir, tmp_path, capsys):
 
 
 def test_unreadable_corpus(tiny_model_dir, corpus_file, tmp_path, capsys, monkeypatch):
-    read_bytes = Path.read_bytes
+    path_open = Path.open
 
-    def forbidden(self):  # chmod 000 does not stop root, so the refusal is simulated
+    def forbidden(self, *args, **kwargs):  # chmod 000 does not stop root, so the refusal is simulated
         if self == corpus_file:
             raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return read_bytes(self)
+        return path_open(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", forbidden)
+    monkeypatch.setattr(Path, "open", forbidden)
     out = tmp_path / "out"
     code, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--out", str(out), "--quiet")
     assert_one_line_error(code, err, "cannot read")
@@ -223,3 +223,80 @@ def test_a_document_longer_than_the_context_is_windowed_not_truncated(tiny_model
     documents = [d for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines() for d in json.loads(line)["documents"]]
     assert run["corpus"]["kept"] == 1 and run["corpus"]["examples"] >= 3
     assert sorted(documents) == [f"long#w{i}" for i in range(run["corpus"]["examples"])], "every window is trained"
+
+
+# --- Loaders: corpus lines, weight files, LoRA targets, sandbox limits ----------------------------------
+# Each case builds its input under tmp_path and returns the command line; every one must give exactly one
+# `ctxdistill: error:` line, exit 2, and leave --out absent.
+
+def _model_copy(tiny_model_dir, tmp_path, name):
+    copy = tmp_path / name
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+def truncated_weights(tiny_model_dir, tmp_path):
+    model = _model_copy(tiny_model_dir, tmp_path, "truncated-model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def pickle_only_weights(tiny_model_dir, tmp_path):
+    model = _model_copy(tiny_model_dir, tmp_path, "bin-model")
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"never unpickled")  # refused before it is opened
+    return model
+
+
+def _corpus_case(content):
+    return lambda model, corpus, tmp: ["train", "--model", str(model), "--corpus", str(write(tmp / "bad.jsonl", content))]
+
+
+def _train_case(*extra, model=None):
+    return lambda m, corpus, tmp: ["train", "--model", str(model(m, tmp) if model else m), "--corpus", str(corpus), *extra]
+
+
+def _eval_case(*extra, model=None):
+    return lambda m, corpus, tmp: ["eval", "--model", str(model(m, tmp) if model else m), "--tasks", "knowledge", "--device", "cpu", *extra]
+
+
+LOADER_CASES = {
+    "JSONL line of 200,000 '['": (_corpus_case("[" * 200_000 + "\n"), "bad.jsonl:1: JSON nested too deeply"),
+    "JSONL text with a lone surrogate": (_corpus_case('{"text": "Velmora \\ud800 opened a bridge. It is 412 metres long."}\n'),
+                                         "skipped 1 non-UTF-8 document(s): bad.jsonl:1"),
+    "--corpus /dev/zero": (lambda m, c, tmp: ["train", "--model", str(m), "--corpus", "/dev/zero"], "/dev/zero is not a regular file"),
+    "train: truncated model.safetensors": (_train_case(model=truncated_weights), "are damaged"),
+    "eval: truncated model.safetensors": (_eval_case(model=truncated_weights), "are damaged"),
+    "train: only pytorch_model.bin": (_train_case(model=pickle_only_weights), "--allow-pickle-weights"),
+    "eval: only pytorch_model.bin": (_eval_case(model=pickle_only_weights), "--allow-pickle-weights"),
+    "--student lora --lora-targets nosuch_proj": (_train_case("--student", "lora", "--lora-targets", "nosuch_proj"),
+                                                 "'nosuch_proj' not in the model; its linear modules are: down_proj, gate_proj"),
+    "eval --sandbox-timeout 0": (_eval_case("--sandbox-timeout", "0"), "sandbox_timeout (seconds) and sandbox_memory_mb must be > 0"),
+    "eval --sandbox-timeout -5": (_eval_case("--sandbox-timeout=-5"), "must be > 0"),
+    "eval --sandbox-memory-mb 0": (_eval_case("--sandbox-memory-mb", "0"), "must be > 0"),
+    "eval --sandbox-memory-mb -1": (_eval_case("--sandbox-memory-mb=-1"), "must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOADER_CASES))
+def test_bad_loader_input(case, tiny_model_dir, corpus_file, tmp_path, capsys):
+    build, message = LOADER_CASES[case]
+    out = tmp_path / "out"
+    code, err = run_main(capsys, *build(tiny_model_dir, corpus_file, tmp_path), "--out", str(out), "--quiet")
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_humaneval_without_isolation_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """No namespaces (here: `unshare` missing), no HumanEval: never an unsandboxed fallback."""
+    from ctxdistill.evaluate import sandbox
+
+    monkeypatch.setattr(sandbox, "_privileged", None)
+    which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: None if name == "unshare" else which(name, path=path))
+    out = tmp_path / "out"
+    code, err = run_main(capsys, "eval", "--model", str(tiny_model_dir), "--tasks", "humaneval", "--device", "cpu", "--out", str(out), "--quiet")
+    assert_one_line_error(code, err, "HumanEval runs model-written code only inside an isolated sandbox")
+    assert "unshare is missing; install util-linux" in err[0] and "leave humaneval out of --tasks" in err[0]
+    assert not out.exists()

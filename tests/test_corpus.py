@@ -72,3 +72,36 @@ def test_missing_corpus_and_unknown_bundle(tmp_path):
         load_corpus(str(tmp_path / "nope.jsonl"))
     with pytest.raises(CtxDistillError, match="no bundled data named 'nope'"):
         load_corpus("bundled:nope")
+
+
+def test_non_regular_files_are_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    for spec in (str(fifo), "/dev/zero"):
+        with pytest.raises(CtxDistillError, match="is not a regular file or a directory"):
+            load_corpus(spec)
+
+
+def test_a_line_or_document_beyond_the_cap_is_refused(tmp_path, monkeypatch):
+    import ctxdistill.inputs.corpus as corpus
+
+    monkeypatch.setattr(corpus, "MAX_LINE_BYTES", 100)
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": TEXT}, {"text": TEXT * 3}])
+    with pytest.raises(CtxDistillError, match=r"c.jsonl:2: longer than"):
+        load_corpus(str(path))
+    (tmp_path / "long.txt").write_text(TEXT * 3)
+    with pytest.raises(CtxDistillError, match="long.txt: longer than"):
+        load_corpus(str(tmp_path / "long.txt"))
+
+
+def test_deep_nesting_and_lone_surrogates(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 200_000 + "\n")
+    with pytest.raises(CtxDistillError, match="deep.jsonl:1: JSON nested too deeply"):
+        load_corpus(str(deep))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"text": TEXT}) + "\n" + '{"text": "x \\ud800 ' + TEXT + '"}\n' + '{"id": "\\udfff", "text": "' + TEXT + ' Two."}\n')
+    docs, report = load_corpus(str(mixed))
+    assert [d.text for d in docs] == [TEXT] and report.to_dict()["skipped"] == {"non-UTF-8": 2}

@@ -142,4 +142,21 @@ def test_two_option_probes_score_with_loglik(tmp_path, tiny_model, tokenizer):
     probes = load_probes(build_pubmedqa_domain(tmp_path / "dom", 4, 1, data_dir, fetch=False)["probes"])
     result = score_mcq_loglik(tiny_model, tokenizer, probes)
     assert result["n"] == 4 and all(p["choice"] in (0, 1) for p in result["predictions"])
+    assert all(p["margin"] > 0 if p["correct"] else p["margin"] <= 0 for p in result["predictions"])  # the answer is the margin's sign
     assert "A. yes\nB. no" in mcq_prompt(probes[0]) and "(A/B)" in mcq_prompt(probes[0])
+
+
+def test_a_model_that_only_shifts_towards_yes_gains_nothing_on_balanced_labels():
+    from ctxdistill.evaluate.probes import choose_option, option_margin
+
+    # summed log-probs (yes, no) of four probes, two with gold "yes" (0), two with gold "no" (1)
+    before = [([-2.0, -3.0], 0), ([-4.0, -2.5], 0), ([-2.0, -2.2], 1), ([-3.0, -1.0], 1)]
+    shifted = [([y + 1.5, n], gold) for (y, n), gold in before]  # p(yes) rises for every probe, p(no) unchanged
+    margin = lambda rows: sum(option_margin(s, g) for s, g in rows) / len(rows)
+    gold_lp = lambda rows: sum(s[g] for s, g in rows) / len(rows)
+    assert margin(shifted) == margin(before)  # the contrastive margin does not move
+    assert gold_lp(shifted) > gold_lp(before)  # the gold option's log-prob alone rises: not contrastive
+    accuracy = lambda rows: sum(choose_option(s, ("yes", "no")) == g for s, g in rows) / len(rows)
+    assert accuracy(before) == 0.5 and accuracy([([y + 10, n], g) for (y, n), g in before]) == 0.5  # always-yes is chance
+    # two options are compared without dividing by the length in characters ("yes" 3, "no" 2)
+    assert choose_option([-3.0, -2.9], ("yes", "no")) == 1 and choose_option([-3.0, -2.9, -9.0], ("yes", "no", "maybe")) == 0

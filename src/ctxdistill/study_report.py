@@ -1,8 +1,11 @@
 """results.md and its plots, from a study summary (`ctxdistill study`) alone: no model, no training.
 
-Per domain: the CP-selected run of every method, a matched-domain-score comparison (each method's
-retention read off its learning-rate curve at the same domain score), the full per-learning-rate
-tables, the trade-off plots and the KL-vs-forgetting plot. Then the continual-update rounds.
+Per domain: the pre-registered primary comparison (config `primary:`) on its own; every method at the
+learning rate each CP rule picks (the paper's and the confidence-aware one, per seed); a matched-domain-
+score comparison (each method's retention read off its learning-rate curve at the same domain score,
+with a joint bootstrap interval over items and the share of resamples that reach the gain); method
+against method item by item; the trade-off plots and the full per-learning-rate tables. Then the
+continual-update rounds. Every interval comes from `ctxdistill.stats`; every table is one Holm family.
 """
 
 from __future__ import annotations
@@ -11,14 +14,29 @@ import json
 import math
 from pathlib import Path
 
-from .report import METRICS, ReportConfig, build_markdown, cp_select, difference, group_runs, mean_metric, plot_frontier, plot_kl_vs_drop, scale
+import numpy as np
+
+from . import stats
+from .report import (KL_KEYS, METRICS, ReportConfig, Table, _num, build_markdown, compare, cp_both, cp_lines, digits_of, fmt_est,
+                     group_runs, item_vector, jsonable, mean_metric, plot_frontier, plot_kl_vs_drop, scale, seed_pairs, vs_base)
+from .stats import interpolate_at  # noqa: F401  (the interpolation the matched tables use)
 
 SKILLS = ["ifeval.inst_strict", "gsm8k.accuracy", "humaneval.pass@1"]
-FRONTIER_KEYS = ["ifeval.inst_strict", "ifeval.prompt_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
+FRONTIER_KEYS = ["drift.chat_kl", "ifeval.prompt_strict", "ifeval.inst_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
                  "drift.chat_logprob", "gsm8k.gold_logprob", "nq_open.gold_logprob"]
 HEADLINE_METHODS = ("disc", "ft", "disc_all", "ft_kl")
 HEADLINE_KEYS = ["ifeval.inst_strict", "ifeval.prompt_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
                  "drift.chat_kl", "drift.doc_kl"]
+MATCHED_KEYS = ("ifeval.prompt_strict", "ifeval.inst_strict", "drift.chat_kl", "drift.chat_logprob", "nq_open.gold_logprob")
+MATCHED_PAIRS = (("disc", "ft"), ("disc_chat", "ft"), ("disc", "ft_kl"), ("disc_t1", "disc"))
+BOOTSTRAP = 1000
+NOT_CONTRASTIVE = ("**This domain score is an artefact.** The mean log-probability of the gold option is not contrastive: "
+                   "p(yes) can rise without p(no) falling, so a model that only moves towards one answer raises it on "
+                   "balanced labels; and the accuracy beside it chose by log-prob per character (\"yes\" 3, \"no\" 2), so "
+                   "the model gave the same answer to every probe. ctxdistill now scores two-option probes by the "
+                   "contrastive margin log p(gold) − log p(other) and answers by its sign (`knowledge.option_margin`); "
+                   "these runs predate it and their models are not kept, so the re-scoring belongs to the powered "
+                   "study (issue 18). Read every number on this domain's score below as exploratory.")
 
 
 def _with_paths(evals: list[dict], tag: str) -> list[dict]:
@@ -27,172 +45,242 @@ def _with_paths(evals: list[dict], tag: str) -> list[dict]:
     return evals
 
 
-def _cell(key: str, runs: list[dict], base: dict | None) -> str:
+def _level(key: str, runs: list[dict]) -> str:
     m = mean_metric(runs, key)
-    if m is None:
-        return "–"
-    s = scale(key)
-    digits = 1 if s == 100 else (4 if METRICS.get(key, ("", ""))[1] == "kl" else 3)
-    text = f"{m['value'] * s:.{digits}f}"
-    if base is None or key.startswith("drift."):
-        return text + (f" ± {m['stderr'] * s:.{digits}f}" if m.get("stderr") else "")
-    if len(runs) == 1:
-        d = difference(runs[0], base, key)
-    else:
-        b = base["metrics"].get(key)
-        d = None if b is None else {"delta": m["value"] - b["value"], "se": math.sqrt(m["stderr"] ** 2 + (b.get("stderr") or 0) ** 2)}
-    if d is None:
-        return text
-    return f"{text} ({d['delta'] * s:+.{digits}f} ± {d['se'] * s:.{digits}f})"
+    return "–" if m is None else f"{m['value'] * scale(key):.{digits_of(key)}f}"
 
 
-def interpolate_at(points: list[tuple[float, float]], target: float) -> float | None:
-    """The metric where a method's curve (domain, metric), in learning-rate order, first reaches `target`."""
-    for (d0, m0), (d1, m1) in zip(points, points[1:]):
-        if min(d0, d1) <= target <= max(d0, d1) and d1 != d0:
-            return m0 + (m1 - m0) * (target - d0) / (d1 - d0)
-    for d, m in points:
-        if d == target:
-            return m
-    return None
+# ---------------------------------------------------------------- matched gain, joint bootstrap
 
 
-def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[float]) -> list[str]:
+def _resamplers(evals: list[dict], keys: list[str], B: int, seed: int = 0) -> dict | str:
+    """Per task: one B × n index matrix shared by every evaluation (the items of every metric resampled together)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in keys:
+        task = key.split(".")[0] if not key.startswith("drift.doc") else "doc_kl"
+        ref = next((item_vector(e, key) for e in evals if item_vector(e, key)[0] is not None), (None, None))
+        if ref[0] is None:
+            return stats.NO_ITEMS
+        scores, ids = ref
+        tag = (task, key if ids is not None and len(set(ids)) < len(ids) else "")  # clustered metrics get their own draw
+        if tag not in out:
+            clusters = ids if tag[1] else None
+            out[tag] = stats.resample_indices(len(scores), B, rng, clusters)
+        out[key] = out[tag]
+    return out
+
+
+def _boot_means(ev: dict, key: str, idx: np.ndarray) -> np.ndarray | None:
+    scores, _ = item_vector(ev, key)
+    if scores is None and key in KL_KEYS and ev.get("role") == "baseline":
+        return np.zeros(len(idx))
+    return None if scores is None else stats.resampled_means(np.asarray(scores, float), idx)
+
+
+def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[float], B: int = BOOTSTRAP, alpha: float = 0.05) -> list[str]:
+    """Each method's change in `key` where its curve first reaches each domain gain, with a joint bootstrap 95 %
+    interval (items of every task resampled together for every run, the interpolation redone per resample)
+    and the share of resamples that reach the gain; then the difference between method pairs."""
     s_dom, s_key = scale(domain), scale(key)
-    base_dom = base["metrics"][domain]["value"] * s_dom
-    base_key = base["metrics"].get(key, {}).get("value")
     unit = "pts" if s_dom == 100 else METRICS.get(domain, ("", "nats"))[1]
-    header = ["method"] + [f"+{g:g} {unit}" for g in gains]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    evals = [base] + [r for by_lr in groups.values() for rs in by_lr.values() for r in rs]
+    idx = _resamplers(evals, [domain, key], B)
+    base_key = base["metrics"].get(key, {"value": 0.0} if key in KL_KEYS else None)
+    if base_key is None:
+        return []
+    base_key = base_key["value"]
+    curves, points, reason = {}, {}, idx if isinstance(idx, str) else ""
     for method, by_lr in groups.items():
-        pts = []
+        pts = [(base["metrics"][domain]["value"], base_key)]
+        boot_d = [_boot_means(base, domain, idx[domain])] if not reason else []
+        boot_m = [_boot_means(base, key, idx[key])] if not reason else []
         for lr, runs in by_lr.items():
             d, m = mean_metric(runs, domain), mean_metric(runs, key)
-            if d and m:
-                pts.append((d["value"] * s_dom, m["value"] * s_key))
-        cells = []
+            if not (d and m):
+                continue
+            pts.append((d["value"], m["value"]))
+            if not reason:
+                bd = [_boot_means(r, domain, idx[domain]) for r in runs]
+                bm = [_boot_means(r, key, idx[key]) for r in runs]
+                if any(x is None for x in bd + bm):
+                    reason = stats.NO_ITEMS
+                else:
+                    boot_d.append(np.mean(bd, axis=0))
+                    boot_m.append(np.mean(bm, axis=0))
+        points[method] = pts
+        if not reason:
+            curves[method] = stats.Curve(boot_d, boot_m)
+    header = ["method"] + [f"+{g:g} {unit}" for g in gains]
+    table = Table(header, [None] + [key] * len(gains), alpha, k=None)
+    values = {}
+    for method, pts in points.items():
+        cells = [method]
         for g in gains:
-            v = interpolate_at([(base_dom, (base_key or 0) * s_key)] + pts, base_dom + g) if base_key is not None else None
-            cells.append("not reached" if v is None else f"{v - base_key * s_key:+.{1 if s_key == 100 else 4}f}")
-        lines.append("| " + " | ".join([method] + cells) + " |")
-    return lines
+            target = pts[0][0] + g / s_dom
+            v = interpolate_at(pts, target)
+            if reason or method not in curves:
+                cells.append("not reached" if v is None else f"{_num((v - base_key) * s_key, digits_of(key))} [— {reason}]")
+                continue
+            boot = stats.curve_values(curves[method], g / s_dom) - base_key
+            values[(method, g)] = boot
+            summ = stats.bootstrap_summary(boot, None if v is None else v - base_key)
+            cells.append(_boot_cell(key, summ))
+        table.rows.append(cells)
+    for a, b in MATCHED_PAIRS:
+        if a not in points or b not in points or reason:
+            continue
+        cells = [f"**{a} − {b}**"]
+        for g in gains:
+            va, vb = interpolate_at(points[a], points[a][0][0] + g / s_dom), interpolate_at(points[b], points[b][0][0] + g / s_dom)
+            diff = values[(a, g)] - values[(b, g)]
+            summ = stats.bootstrap_summary(diff, None if va is None or vb is None else va - vb)
+            cells.append(stats.Estimate(summ["value"], None, summ["lo"], summ["hi"], summ["p"], reason=summ["reason"] or "")
+                         if summ["lo"] is not None and summ["value"] is not None else _boot_cell(key, summ))
+            if isinstance(cells[-1], stats.Estimate):
+                cells[-1].notes.append(f"{summ['reach'] * 100:.0f} %")
+        table.rows.append(cells)
+    lines = table.lines(note=f"Joint bootstrap over items ({B} resamples); in brackets the share of resamples in which the curve "
+                             "reaches the gain (the interval is over those).")
+    # the reach of difference rows, appended to their cells
+    out = []
+    for line in lines:
+        out.append(line)
+    reach_rows = [r for r in table.rows if isinstance(r[0], str) and r[0].startswith("**")]
+    for r in reach_rows:
+        reach = ", ".join(c.notes[0] if isinstance(c, stats.Estimate) and c.notes else "–" for c in r[1:])
+        out.append(f"Both curves reach the gain in: {r[0]} {reach} of resamples.")
+    return out
+
+
+def _boot_cell(key: str, summ: dict) -> str:
+    d = digits_of(key)
+    s = scale(key)
+    if summ["value"] is None:
+        return f"not reached ({summ['reach'] * 100:.0f} % of resamples do)"
+    if summ["lo"] is None:
+        return f"{_num(summ['value'] * s, d)} [— {summ['reason']}]"
+    return f"{_num(summ['value'] * s, d)} [{_num(summ['lo'] * s, d)}, {_num(summ['hi'] * s, d)}] ({summ['reach'] * 100:.0f} %)"
+
+
+# ---------------------------------------------------------------- method against method
 
 
 PAIRED = (("disc", "ft"), ("disc_all", "ft"), ("disc", "ft_kl"), ("disc_chat", "disc"), ("disc_ctx", "disc"), ("disc_ctx_strict", "disc"),
           ("disc_t1", "disc"), ("disc_ctx", "ft"), ("disc_ctx_strict", "ft"), ("disc_t1", "ft"))
-PAIRED_KEYS = ("knowledge.mcq_loglik", "knowledge.gold_option_logprob", "ifeval.prompt_strict", "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl",
-               "nq_open.gold_logprob", "gsm8k.gold_logprob", "mmlu.accuracy")
+PAIRED_KEYS = ("knowledge.mcq_loglik", "knowledge.option_margin", "knowledge.gold_option_logprob", "ifeval.prompt_strict", "ifeval.inst_strict",
+               "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl", "nq_open.gold_logprob", "gsm8k.gold_logprob", "mmlu.accuracy")
 
 
-def paired_difference(a: dict, b: dict, key: str) -> dict | None:
-    """a - b over the same items (same ids), with the paired standard error."""
-    x, y = a.get("item_scores", {}).get(key), b.get("item_scores", {}).get(key)
-    task = key.split(".")[0]
-    if not x or not y or len(x) != len(y) or len(x) < 2 or a["tasks"].get(task, {}).get("ids") != b["tasks"].get(task, {}).get("ids"):
-        return None
-    d = [p - q for p, q in zip(x, y)]
-    mean = sum(d) / len(d)
-    return {"delta": mean, "se": math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d)), "n": len(d)}
-
-
-def paired_section(groups: dict) -> list[str]:
-    """Method A minus method B at the same learning rate and seed, item by item (the sharpest comparison here)."""
+def paired_section(groups: dict, alpha: float = 0.05, skip: tuple | None = None) -> list[str]:
+    """Method A minus method B at the same learning rate and seed, item by item; one Holm family per pair."""
     lines = []
+    present = {k for by_lr in groups.values() for rs in by_lr.values() for r in rs for k in r["metrics"]}
+    keys = [k for k in PAIRED_KEYS if k in present]
     for a, b in PAIRED:
         if a not in groups or b not in groups:
             continue
-        common = [lr for lr in groups[a] if lr in groups[b]]
-        rows = []
-        for lr in common:
-            by_seed = {r["run"].get("seed"): r for r in groups[b][lr]}
-            pairs = [(r, by_seed[r["run"].get("seed")]) for r in groups[a][lr] if r["run"].get("seed") in by_seed]
-            if not pairs:
-                continue
-            cells = []
-            for key in PAIRED_KEYS:
-                diffs = [d for d in (paired_difference(x, y, key) for x, y in pairs) if d]
-                if not diffs:
-                    cells.append("–")
-                    continue
-                k, sc = len(diffs), scale(key)
-                mean, se = sum(d["delta"] for d in diffs) / k, math.sqrt(sum(d["se"] ** 2 for d in diffs)) / k
-                digits = 1 if sc == 100 else (4 if METRICS.get(key, ("", ""))[1] == "kl" else 3)
-                mark = "" if se > 0 and abs(mean) >= 2 * se else " n.s."
-                cells.append(f"{mean * sc:+.{digits}f} ± {se * sc:.{digits}f}{mark}")
-            rows.append("| " + " | ".join([f"{lr:g}", str(len(pairs))] + cells) + " |")
-        if rows:
-            header = ["lr", "seeds"] + [METRICS.get(k, (k,))[0] for k in PAIRED_KEYS]
-            lines += [f"**{a} − {b}**, same learning rate and seed, paired over the same items (n.s.: within 2 SE):", "",
-                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows + [""]
+        table = Table(["lr", "seeds"] + [METRICS.get(k, (k,))[0] for k in keys], [None, None] + keys, alpha)
+        for lr in [lr for lr in groups[a] if lr in groups[b]]:
+            xa, xb = seed_pairs(groups[a][lr], groups[b][lr])
+            if xa:
+                table.add([f"{lr:g}", str(len(xa))] + [compare(xa, xb, k) for k in keys])
+        if table.rows:
+            lines += [f"**{a} − {b}**, same learning rate and seed, paired over the same items (exploratory):", ""] + table.lines() + [""]
     if lines:
-        lines = ["### Method against method, item by item", "",
-                 "Differences in points (rates) or nats (log-probs, KLs); for KLs lower is better, for log-probs higher.", ""] + lines
+        lines = ["### Method against method, item by item (exploratory)", "",
+                 "Differences in points (rates) or nats (log-probs, KLs); for KLs lower is better, for log-probs higher. Two seeds: "
+                 "the per-item differences averaged over seeds, the between-seed variance added (two-way ANOVA, Satterthwaite df).", ""] + lines
     return lines
 
 
-def domain_section(name: str, data: dict, domain: str, threshold: float, out: Path) -> tuple[list[str], dict]:
+def primary_lines(primary: dict, name: str, groups: dict) -> list[str]:
+    if not primary or primary.get("domain") != name:
+        return []
+    a, b, key, lr = primary.get("a"), primary.get("b"), primary.get("metric"), float(primary.get("lr", 0))
+    head = [f"### Primary comparison: {a} − {b}, `{key}`, lr {lr:g}", ""]
+    if a not in groups or b not in groups or lr not in groups[a] or lr not in groups[b]:
+        return head + ["Not run.", ""]
+    xa, xb = seed_pairs(groups[a][lr], groups[b][lr])
+    est = compare(xa, xb, key)
+    text = fmt_est(key, est)
+    verdict = ("the interval excludes 0" if est.excludes_zero() else
+               "the interval includes 0: no difference is shown, and none is ruled out beyond the interval" if est.defined else "no interval")
+    notes = f" ({'; '.join(est.notes)})" if est.notes else ""
+    return head + [f"{text} over {len(xa)} seed(s), n = {est.n} items, {est.method or '—'}{notes}, p = "
+                   + (f"{est.p:.3g}" if est.p is not None else "—") + f": {verdict}. A family of one (not Holm-adjusted). "
+                   "Designated in configs/study.yaml after this study was run, so it is the comparison the powered study "
+                   "pre-registers, not a confirmed result.", ""]
+
+
+def domain_section(name: str, data: dict, domain: str, threshold: float, out: Path, primary: dict | None = None) -> tuple[list[str], dict]:
     base = data.get("baseline")
     runs = _with_paths(list(data.get("runs", [])), name)
     if base:
         base["_path"] = f"{name}/baseline/eval.json"
     groups = group_runs(runs)
-    selection = cp_select(groups, base, domain, SKILLS, threshold)
+    cp = cp_both(groups, base, domain, SKILLS, threshold)
+    selection = cp["paper"]
     lines = [f"## Domain: {name}", ""]
     if not runs:
         return lines + ["No run finished yet.", ""], {}
-    n_runs = len(runs)
-    digits = 1 if scale(domain) == 100 else 3
-    lines += [f"{n_runs} runs ({len(groups)} methods). Domain score: `{domain}` ({METRICS.get(domain, (domain,))[0]}), "
-              f"n = {base['metrics'][domain]['n'] if base else '?'} probes; initial model "
-              f"{base['metrics'][domain]['value'] * scale(domain):.{digits}f} ± {base['metrics'][domain]['stderr'] * scale(domain):.{digits}f}." if base else "", ""]
+    digits = digits_of(domain)
+    if base:
+        lines += [f"{len(runs)} runs ({len(groups)} methods). Domain score: `{domain}` ({METRICS.get(domain, (domain,))[0]}), "
+                  f"n = {base['metrics'][domain]['n']} probes; initial model "
+                  f"{base['metrics'][domain]['value'] * scale(domain):.{digits}f} ± {base['metrics'][domain]['stderr'] * scale(domain):.{digits}f}.", ""]
+    if domain == "knowledge.gold_option_logprob":
+        lines += [NOT_CONTRASTIVE, ""]
+    lines += primary_lines(primary or {}, name, groups)
     # CP table
-    lines += [f"### Each method at its CP learning rate", "",
-              f"CP rule: the learning rate with the best domain score among those that lose at most {threshold:g} points on "
-              "IFEval (instruction-level strict), GSM8K and HumanEval. In brackets: change from the initial model ± its "
-              "standard error (paired over the same items for a single seed).", ""]
-    header = ["method", "CP lr", "seeds", METRICS[domain][0]] + [METRICS[k][0] for k in HEADLINE_KEYS] + ["train s"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["### Each method at its CP learning rate", ""] + cp_lines(cp, domain, SKILLS, threshold)
+    lines += ["At the paper rule's pick: the value over seeds and, in brackets below it, the change from the initial model with its 95 % "
+              "interval.", ""]
+    keys = [domain] + HEADLINE_KEYS
+    table = Table(["method", "CP lr", "seeds"] + [METRICS[k][0] for k in keys] + ["train s"], [None, None, None] + keys + [None])
     for method, by_lr in groups.items():
         lr = selection.get(method, {}).get("lr")
         if lr is None:
-            lines.append("| " + " | ".join([method, "none passes"] + ["–"] * (len(header) - 2)) + " |")
+            table.add([method, "none passes"] + ["–"] * (len(keys) + 2))
             continue
         rs = by_lr[lr]
         train_s = [r["run"].get("train_s") for r in rs if r.get("run", {}).get("train_s") is not None]
-        lines.append("| " + " | ".join([method, f"{lr:g}", str(len(rs)), _cell(domain, rs, base)] + [_cell(k, rs, base) for k in HEADLINE_KEYS]
-                                       + [f"{sum(train_s) / len(train_s):.0f}" if train_s else "–"]) + " |")
-    lines.append("")
+        table.add([method, f"{lr:g}", str(len(rs))] + [_level(k, rs) for k in keys] + [f"{sum(train_s) / len(train_s):.0f}" if train_s else "–"])
+        if base:
+            table.add(["", "", "change"] + [vs_base(rs, base, k) if any(k in r["metrics"] for r in rs) else "–" for k in keys] + [""])
+    lines += table.lines() + [""]
     if base:
-        max_gain = max((mean_metric(rs, domain) or {"value": -1})["value"] for by_lr in groups.values() for rs in by_lr.values())
+        max_gain = max((mean_metric(rs, domain) or {"value": -math.inf})["value"] for by_lr in groups.values() for rs in by_lr.values())
         top = (max_gain - base["metrics"][domain]["value"]) * scale(domain)
         if scale(domain) == 100:  # points of accuracy
             gains = [g for g in (4, 8, 12, 16, 20, 25, 30) if g <= top] or [round(top / 2, 1)]
         else:  # a log-probability: a quarter, half and three quarters of the largest gain any run reached
             gains = [round(top * f, 2) for f in (0.25, 0.5, 0.75)] if top > 0 else []
         lines += ["### At matched domain score", "",
-                  "Each method's curve over learning rates (initial model, then increasing lr), read by linear interpolation "
-                  "where its domain score first reaches the initial score plus the column's gain: the change in a retention "
-                  "measure that buys that much knowledge. Mean over seeds; no error bars (interpolated); the per-run tables "
-                  "below carry them.", ""]
-        for key in ("ifeval.inst_strict", "drift.chat_kl", "drift.chat_logprob", "nq_open.gold_logprob"):
-            if key in base["metrics"]:
+                  "Each method's curve over learning rates (initial model, then increasing lr, mean over seeds), read by linear "
+                  "interpolation where its domain score first reaches the initial score plus the column's gain: the change in a "
+                  "retention measure that buys that much knowledge. The interval is a joint bootstrap: the items of every task "
+                  "(probes, IFEval prompts, chat prompts, ...) are resampled together for every run, and the curves re-read in each "
+                  "resample; the x-values carry noise too, so a curve may not reach a gain in every resample.", ""]
+        for key in MATCHED_KEYS:
+            if key in base["metrics"] or key in KL_KEYS:
                 lines += [f"Change in **{METRICS[key][0]}**:", ""] + matched_table(groups, base, domain, key, gains) + [""]
     lines += paired_section(groups)
     # plots
     plots = []
-    xkeys = [k for k in FRONTIER_KEYS if base and k in base["metrics"]]
+    xkeys = [k for k in FRONTIER_KEYS if base and (k in base["metrics"] or k in KL_KEYS)]
     headline = {m: v for m, v in groups.items() if m in HEADLINE_METHODS}
     if len(headline) < len(groups) and len(headline) >= 2:  # the main comparison alone, before the crowded plot
         path = out / f"frontier_{name}_headline.png"
         plot_frontier(path, base, headline, selection, domain, xkeys[:4])
         plots.append(path)
     frontier = out / f"frontier_{name}.png"
-    plot_frontier(frontier, base, groups, selection, domain, xkeys)
+    plot_frontier(frontier, base, groups, selection, domain, xkeys[:3])
     plots.append(frontier)
     correlations = {}
     if base and any("drift.doc_kl" in r["metrics"] for r in runs):
         kl_plot = out / f"kl_vs_drop_{name}.png"
-        correlations = plot_kl_vs_drop(kl_plot, base, groups, [k for k in ("ifeval.inst_strict", "mmlu.accuracy", "drift.chat_logprob", "gsm8k.gold_logprob")
+        correlations = plot_kl_vs_drop(kl_plot, base, groups, [k for k in ("ifeval.prompt_strict", "mmlu.accuracy", "drift.chat_logprob", "gsm8k.gold_logprob")
                                                                if k in base["metrics"]])
         plots.append(kl_plot)
     lines += [f"### Trade-off plots ({name})", ""]
@@ -200,15 +288,15 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
     if correlations:
         lines += ["Spearman correlation, over every run of this domain, between the per-token KL on the training documents "
                   "and the drop of: " + ", ".join(f"{METRICS[k][0]} {v:+.2f}" if v is not None else f"{METRICS[k][0]} –"
-                                                   for k, v in correlations.items()) + ".", ""]
+                                                   for k, v in correlations.items()) + " (descriptive; runs of one method share items).", ""]
     # full tables (the sweep report's)
     present = set(base["metrics"] if base else {}) | {k for r in runs for k in r["metrics"]}
     keys = [k for k in METRICS if k in present]
-    table = build_markdown(ReportConfig(runs_dir=".", domain_metric=domain, cp_threshold=threshold), base, groups, selection, keys, [])
+    table = build_markdown(ReportConfig(runs_dir=".", domain_metric=domain, cp_threshold=threshold), base, groups, cp, keys, [])
     body = table.split("## Initial model", 1)[-1]
     body = body.split("## CP selection", 1)[0]
     lines += [f"### Every run ({name})", "", "#### Initial model" + body.replace("\n## ", "\n#### ")]
-    return lines, {"cp": selection, "kl_correlations": correlations}
+    return lines, {"cp": cp["paper"], "cp_confident": cp["confident"], "cp_per_seed": cp["per_seed"], "kl_correlations": correlations}
 
 
 def probe_round_accuracy(evaluation: dict, probe_round: dict, key: str = "knowledge.mcq_loglik") -> dict[int, dict]:
@@ -229,6 +317,14 @@ def probe_round_accuracy(evaluation: dict, probe_round: dict, key: str = "knowle
     return out
 
 
+CONTINUAL_KEYS = ("ifeval.prompt_strict", "ifeval.inst_strict", "drift.chat_kl", "mmlu.accuracy")
+CONTINUAL_PAIRS = (("disc_t0", "ft"), ("disc", "ft"), ("disc_t0", "disc"))
+
+
+def _acc_cell(acc: dict, r: int) -> str:
+    return f"{acc[r]['value'] * 100:.1f} ± {acc[r]['stderr'] * 100:.1f}" if r in acc else "–"
+
+
 def continual_section(cont: dict, out: Path) -> list[str]:
     layout = cont["layout"]
     rounds = layout["rounds"]
@@ -236,27 +332,39 @@ def continual_section(cont: dict, out: Path) -> list[str]:
     base = cont.get("baseline")
     lines = ["## Continual updates", "",
              f"The corpus in {rounds} batches of {', '.join(str(len(d)) for d in layout['round_docs'])} documents, applied one after "
-             "another; each round starts from the previous round's model (for DiSC the teacher is that model too). After every "
-             "round: log-likelihood MCQ accuracy on the probes of each round (points ± SE), IFEval and the chat KL from the "
-             "initial model.", ""]
-    header = ["method", "after round"] + [f"round {r} probes" for r in range(1, rounds + 1)] + ["IFEval inst. strict", "Chat KL(init‖model)", "train s"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             "another; each round starts from the previous round's model (for DiSC the teacher is that model too, except `disc_t0`). "
+             "After every round: log-likelihood MCQ accuracy on the probes of each round (points ± SE), IFEval prompt- and "
+             "instruction-level, the chat KL from the initial model and MMLU; below each row its change from the initial model "
+             "with a 95 % interval. One seed.", ""]
+    keys = [k for k in CONTINUAL_KEYS if base and k in base["metrics"] or k in KL_KEYS]
+    table = Table(["method", "after round"] + [f"round {r} probes" for r in range(1, rounds + 1)] + [METRICS[k][0] for k in keys] + ["train s"],
+                  [None, None] + [None] * rounds + keys + [None])
     series = {}
     if base:
         acc = probe_round_accuracy(base, probe_round)
-        lines.append("| initial | 0 | " + " | ".join(f"{acc[r]['value'] * 100:.1f} ± {acc[r]['stderr'] * 100:.1f}" if r in acc else "–"
-                                                     for r in range(1, rounds + 1))
-                     + f" | {_cell('ifeval.inst_strict', [base], None)} | 0 | – |")
+        table.add(["initial", "0"] + [_acc_cell(acc, r) for r in range(1, rounds + 1)] + [_level(k, [base]) if k not in KL_KEYS else "0" for k in keys] + ["–"])
     for method, evals in cont["methods"].items():
         for e in evals:
             r_now = e["run"].get("round")
             acc = probe_round_accuracy(e, probe_round)
             series.setdefault(method, []).append((r_now, acc, e))
-            cells = [f"{acc[r]['value'] * 100:.1f} ± {acc[r]['stderr'] * 100:.1f}" if r in acc and r <= r_now else
-                     (f"({acc[r]['value'] * 100:.1f})" if r in acc else "–") for r in range(1, rounds + 1)]
-            lines.append("| " + " | ".join([method, str(r_now)] + cells + [_cell("ifeval.inst_strict", [e], base), _cell("drift.chat_kl", [e], None),
-                                                                           f"{e['run'].get('train_s', 0):.0f}"]) + " |")
-    lines += ["", "Numbers in brackets are probes of rounds not trained yet (a check that nothing leaks between rounds).", ""]
+            cells = [_acc_cell(acc, r) if r <= r_now else (f"({acc[r]['value'] * 100:.1f})" if r in acc else "–") for r in range(1, rounds + 1)]
+            table.add([method, str(r_now)] + cells + [_level(k, [e]) for k in keys] + [f"{e['run'].get('train_s', 0):.0f}"])
+            if base:
+                table.add(["", "change"] + [""] * rounds + [vs_base([e], base, k) for k in keys] + [""])
+    lines += table.lines() + ["", "Numbers in brackets are probes of rounds not trained yet (a check that nothing leaks between rounds).", ""]
+    pair_keys = ["knowledge.mcq_loglik"] + keys
+    pairs = Table(["comparison", "after round"] + [METRICS[k][0] for k in pair_keys], [None, None] + pair_keys)
+    for a, b in CONTINUAL_PAIRS:
+        if a in cont["methods"] and b in cont["methods"]:
+            by_round = {e["run"].get("round"): e for e in cont["methods"][b]}
+            for e in cont["methods"][a]:
+                other = by_round.get(e["run"].get("round"))
+                if other:
+                    pairs.add([f"{a} − {b}", str(e["run"].get("round"))] + [compare([e], [other], k) for k in pair_keys])
+    if pairs.rows:
+        lines += ["Method against method after the same round, paired over the same items (all probes for the knowledge score; "
+                  "exploratory):", ""] + pairs.lines() + [""]
     if series:
         path = out / "continual.png"
         plot_continual(path, series, base, probe_round, rounds)
@@ -265,48 +373,49 @@ def continual_section(cont: dict, out: Path) -> list[str]:
 
 
 def plot_continual(path: Path, series: dict, base: dict | None, probe_round: dict, rounds: int) -> None:
+    """One panel per round's probes and per retention measure; every round's value printed at its point; 95 % bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import COLORS
+    from .report import _finish, _grid, color_map, place_labels
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = [k for k in ("ifeval.prompt_strict", "ifeval.inst_strict", "drift.chat_kl") if base is None or k in base["metrics"] or k in KL_KEYS]
+    fig, axes = _grid(plt, rounds + len(keys), cols=3)
     base_acc = probe_round_accuracy(base, probe_round) if base else {}
-    styles = ["-", "--", ":", "-."]
-    for ci, (method, points) in enumerate(series.items()):
-        color = COLORS[ci % len(COLORS)]
+
+    labels: dict = {}
+
+    def draw(ax, xs, ys, es, color, label, digits):
+        ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=2, label=label)
+        labels.setdefault(ax, []).extend((x, y, f"{y:.{digits}f}", color) for x, y in zip(xs, ys))
+
+    colors = color_map(series)
+    for method, points in series.items():
+        color = colors[method]
         for r in range(1, rounds + 1):
-            xs = [0] + [p[0] for p in points if p[0] >= r] if r in base_acc else [p[0] for p in points if p[0] >= r]
-            ys = ([base_acc[r]["value"] * 100] if r in base_acc else []) + [p[1][r]["value"] * 100 for p in points if p[0] >= r and r in p[1]]
-            es = ([base_acc[r]["stderr"] * 100] if r in base_acc else []) + [p[1][r]["stderr"] * 100 for p in points if p[0] >= r and r in p[1]]
-            if len(xs) == len(ys) and ys:
-                axes[0].errorbar(xs, ys, yerr=es, color=color, ls=styles[(r - 1) % len(styles)], marker="o", capsize=2,
-                                 label=f"{method}: round {r} probes")
-        rs = [p[0] for p in points]
-        ifeval = [p[2]["metrics"].get("ifeval.inst_strict") for p in points]
-        if all(ifeval):
-            b = base["metrics"]["ifeval.inst_strict"] if base else None
-            axes[1].errorbar(([0] if b else []) + rs, ([b["value"] * 100] if b else []) + [m["value"] * 100 for m in ifeval],
-                             yerr=([b["stderr"] * 100] if b else []) + [m["stderr"] * 100 for m in ifeval], color=color, marker="o", capsize=2, label=method)
-        kl = [p[2]["metrics"].get("drift.chat_kl") for p in points]
-        if all(kl):
-            axes[2].errorbar([0] + rs, [0.0] + [m["value"] for m in kl], yerr=[0.0] + [m["stderr"] for m in kl], color=color, marker="o", capsize=2, label=method)
-    axes[0].set_title("accuracy on each round's probes (log-lik MCQ)", fontsize=9)
-    axes[0].set_ylabel("points")
-    axes[1].set_title("IFEval instruction-level strict", fontsize=9)
-    axes[1].set_ylabel("points")
-    axes[2].set_title("chat KL(initial ‖ model), nats/token", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("after round (0 = initial model)")
+            pts = [(0, base_acc[r])] if r in base_acc else []
+            pts += [(p[0], p[1][r]) for p in points if p[0] >= r and r in p[1]]
+            if pts:
+                draw(axes[r - 1], [x for x, _ in pts], [m["value"] * 100 for _, m in pts], [1.96 * m["stderr"] * 100 for _, m in pts], color, method, 1)
+        for ax, key in zip(axes[rounds:], keys):
+            s = scale(key)
+            pts = [(0, mean_metric([base], key) if key in base["metrics"] else {"value": 0.0, "half": 0.0})] if base else []
+            pts += [(p[0], mean_metric([p[2]], key)) for p in points]
+            pts = [(x, m) for x, m in pts if m]
+            draw(ax, [x for x, _ in pts], [m["value"] * s for _, m in pts], [(m.get("half") or 0.0) * s for _, m in pts], color, method, digits_of(key))
+    for r in range(1, rounds + 1):
+        axes[r - 1].set_title(f"round {r} probes (log-lik MCQ, points), trained in round {r}", fontsize=8)
+    for ax, key in zip(axes[rounds:], keys):
+        ax.set_title(METRICS[key][0] + (" (points)" if scale(key) == 100 else " (nats/token)"), fontsize=8)
+    for ax in axes[: rounds + len(keys)]:
+        ax.set_xlabel("after round (0 = initial model)", fontsize=8)
         ax.set_xticks(range(0, rounds + 1))
+        ax.set_xlim(-0.3, rounds + 0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Continual updates: does each method keep earlier rounds and its skills? (bars: ±1 SE)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+        place_labels(ax, labels.get(ax, []), min_dist=0.04)
+    _finish(fig, "Continual updates: each round's value (bars: 95 % intervals; IFEval inst.-level without per-item scores: ±1.96 SE)", path)
 
 
 def compute_account(summary: dict) -> list[str]:
@@ -332,7 +441,7 @@ def compute_account(summary: dict) -> list[str]:
             "on two processes side by side (process start-up not included).", ""]
 
 
-def write_results(summary: dict, results_dir: Path, reading: str = "", log=print) -> dict:
+def write_results(summary: dict, results_dir: Path, reading: str = "", log=print, primary: dict | None = None) -> dict:
     results_dir = Path(results_dir)
     figures = results_dir / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -342,7 +451,7 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     timings = summary.get("timings_s", {})
     lines = ["# ctxdistill study: DiSC against the baselines", "",
              "Written by `ctxdistill study --config configs/study.yaml` from `docs/results/study_summary.json` "
-             "(rebuild without training: `ctxdistill study --report-only --results-dir docs --reading docs/results_reading.md`).", "",
+             "(rebuild without training: `ctxdistill study --config configs/study.yaml --report-only --results-dir docs --reading docs/results_reading.md`; the config supplies the primary comparison).", "",
              f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch thread(s) per process"
              + (f", {len([k for k in timings if '.shard' in k])} processes side by side (`--shard`)" if any(".shard" in k for k in timings) else "")
              + f", torch {env.get('torch', '?')}, CUDA {'yes' if env.get('cuda') else 'no'}.", ""]
@@ -360,7 +469,8 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
         lines += ["## Reading", "", Path(reading).read_text(encoding="utf-8").strip(), ""]
     extra = {}
     for name, data in summary.get("domains", {}).items():
-        section, info = domain_section(name, data, data.get("domain_metric") or domain, threshold, figures)
+        section, info = domain_section(name, data, data.get("domain_metric") or domain, threshold, figures,
+                                       primary or (summary.get("config") or {}).get("primary"))
         lines += section
         extra[name] = info
     if summary.get("continual"):
@@ -369,6 +479,6 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     tmp.replace(path)
-    (figures / "selection.json").write_text(json.dumps(extra, indent=2, default=str) + "\n", encoding="utf-8")
+    (figures / "selection.json").write_text(json.dumps(jsonable(extra), indent=2, default=str) + "\n", encoding="utf-8")
     log(f"study: results -> {path}")
     return {"results": str(path), "selection": extra}

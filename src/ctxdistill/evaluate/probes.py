@@ -11,7 +11,12 @@ without `answers` is also asked open-ended, with its correct option as the accep
 Scoring:
 - option log-likelihood (`score_mcq_loglik`, deterministic, cheap): the question is a chat user turn
   and each option is scored as the assistant's reply, the sum of its token log-probabilities divided
-  by its length in characters (length-normalised, like lm-eval's acc_norm);
+  by its length in characters (length-normalised, like lm-eval's acc_norm). A two-option probe (yes /
+  no) is instead answered by the sign of the contrastive margin log p(gold) − log p(other), the summed
+  log-probabilities without normalisation (dividing by the length in characters, 3 for "yes" and 2 for
+  "no", would favour one answer for every probe); the margin is the continuous score
+  (`knowledge.option_margin`): a model that only moves towards one answer gains nothing on it when the
+  labels are balanced;
 - sampled multiple choice as in the DiSC paper (`score_mcq_sampled`): the paper's prompt (answer
   letter inside <answer></answer>) through the chat template, n samples at T = 1.0, the letter parsed
   from each sample with fallbacks, majority vote; ties and unparsed answers count as wrong;
@@ -119,6 +124,17 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     return scores
 
 
+def option_margin(option_scores: list[float], answer: int) -> float:
+    """log p(gold) − the best other option's log p (summed over tokens, no length normalisation)."""
+    return option_scores[answer] - max(s for i, s in enumerate(option_scores) if i != answer)
+
+
+def choose_option(option_scores: list[float], options: tuple[str, ...]) -> int:
+    """Two options: the more probable one (the margin's sign); more: the best length-normalised log-likelihood."""
+    values = option_scores if len(options) == 2 else [s / max(len(o), 1) for s, o in zip(option_scores, options)]
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def score_mcq_loglik(model, tokenizer, probes: list[Probe], batch_size: int = 32) -> dict:
     """Accuracy (with its standard error) of picking the highest length-normalised option log-likelihood."""
     probes = [p for p in probes if p.is_mcq]
@@ -137,10 +153,10 @@ def score_mcq_loglik(model, tokenizer, probes: list[Probe], batch_size: int = 32
         per_probe[owner].append(score)
     predictions = []
     for probe, option_scores in zip(probes, per_probe):
-        normalised = [s / max(len(o), 1) for s, o in zip(option_scores, probe.options)]
-        choice = max(range(len(normalised)), key=normalised.__getitem__)
+        choice = choose_option(option_scores, probe.options)
         predictions.append({"id": probe.id, "choice": choice, "correct": choice == probe.answer,
-                            "gold_logprob": option_scores[probe.answer]})
+                            "gold_logprob": option_scores[probe.answer], "margin": option_margin(option_scores, probe.answer),
+                            "two_option": len(probe.options) == 2})
     n = len(predictions)
     accuracy = sum(p["correct"] for p in predictions) / n
     return {"accuracy": accuracy, "stderr": math.sqrt(accuracy * (1 - accuracy) / n), "n": n,
@@ -223,4 +239,4 @@ def score_short_answer(model, tokenizer, probes: list[Probe], max_new_tokens: in
     return {"em": proportion(em), "f1": average(f1), "contains": proportion(contains),
             "settings": {"template": SHORT_ANSWER_TEMPLATE, "decoding": decoding.to_dict(), "normalisation": "SQuAD (lower, no punctuation/articles)",
                          "answer_span": "first non-empty line, 'Answer:' label removed"},
-            "predictions": predictions, "item_scores": {"em": em, "f1": f1}}
+            "predictions": predictions, "item_scores": {"em": em, "f1": f1, "contains": contains}}

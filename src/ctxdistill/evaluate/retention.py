@@ -26,7 +26,7 @@ from ..generation.sampling import chat_ids
 from . import data as eval_data
 from .generation import Decoding, generate
 from .probes import completion_logprobs
-from .sandbox import Limits, humaneval_program, run_programs
+from .sandbox import Limits, humaneval_program, require_isolation, run_programs
 from .scoring import (LETTERS, average, contains_answer, exact_match, extract_final_number, first_answer_span,
                       numbers_equal, proportion, token_f1)
 
@@ -61,7 +61,7 @@ def run_ifeval(gen_model, tokenizer, n: int, max_new_tokens: int, batch_size: in
     rows = eval_data.seeded_subset(eval_data.read_dataset("ifeval", data_dir, log=log), n, seed)
     decoding = Decoding(max_new_tokens=max_new_tokens)
     outputs = generate(gen_model, tokenizer, [chat_ids(tokenizer, [_user(r["prompt"])]) for r in rows], decoding, batch_size=batch_size)
-    prompt_strict, prompt_loose, inst_strict, inst_loose, predictions = [], [], [], [], []
+    prompt_strict, prompt_loose, inst_strict, inst_loose, inst_ids, predictions = [], [], [], [], [], []
     for row, (completion,) in zip(rows, outputs):
         example = checker.InputExample(key=row["key"], instruction_id_list=row["instruction_id_list"], prompt=row["prompt"], kwargs=row["kwargs"])
         responses = {row["prompt"]: completion.text}
@@ -71,6 +71,7 @@ def run_ifeval(gen_model, tokenizer, n: int, max_new_tokens: int, batch_size: in
         prompt_loose.append(float(loose.follow_all_instructions))
         inst_strict.extend(map(float, strict.follow_instruction_list))
         inst_loose.extend(map(float, loose.follow_instruction_list))
+        inst_ids.extend([row["id"]] * len(strict.follow_instruction_list))
         predictions.append({"id": row["id"], "response": completion.text, "truncated": not completion.finished,
                             "strict": strict.follow_instruction_list, "loose": loose.follow_instruction_list})
     return {"metrics": {"prompt_strict": proportion(prompt_strict), "prompt_loose": proportion(prompt_loose),
@@ -78,7 +79,10 @@ def run_ifeval(gen_model, tokenizer, n: int, max_new_tokens: int, batch_size: in
             "settings": {"template": "the IFEval prompt as the only user turn (chat template)", "shots": 0,
                          "decoding": decoding.to_dict(), "checker": "Google IFEval (vendored), langdetect seed 0",
                          "truncated_responses": sum(p["truncated"] for p in predictions)},
-            "ids": [r["id"] for r in rows], "item_scores": {"prompt_strict": prompt_strict}, "predictions": predictions}
+            "ids": [r["id"] for r in rows],
+            "item_scores": {"prompt_strict": prompt_strict, "prompt_loose": prompt_loose, "inst_strict": inst_strict, "inst_loose": inst_loose},
+            "item_ids": {"inst_strict": inst_ids, "inst_loose": inst_ids},  # one per instruction: its prompt's id (the cluster)
+            "predictions": predictions}
 
 
 # --- GSM8K ------------------------------------------------------------------------------------------
@@ -138,6 +142,7 @@ def humaneval_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def run_humaneval(gen_model, score_model, tokenizer, n: int, max_new_tokens: int, batch_size: int, seed: int, limits: Limits,
                   workers: int = 2, data_dir=None, precision_context=contextlib.nullcontext, log=print) -> dict:
+    require_isolation()  # before any generation: no isolation, no HumanEval (never an unsandboxed fallback)
     rows = eval_data.seeded_subset(eval_data.read_dataset("humaneval", data_dir, log=log), n, seed)
     prompts = [humaneval_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     decoding = Decoding(max_new_tokens=max_new_tokens, stop=("```", "\nif __name__", "\nprint(", "\nassert "))
@@ -190,7 +195,7 @@ def run_nq_open(gen_model, score_model, tokenizer, n: int, shots: int, max_new_t
                         "gold_logprob": {k: gold[k] for k in ("value", "stderr", "n")}},
             "settings": {"template": nq_messages("{question}", []), "shots": shots, "shot_ids": [s["id"] for s in exemplars],
                          "decoding": decoding.to_dict(), "normalisation": "SQuAD"},
-            "ids": [r["id"] for r in items], "item_scores": {"em": em, "f1": f1, "gold_logprob": gold["item_scores"]},
+            "ids": [r["id"] for r in items], "item_scores": {"em": em, "f1": f1, "contains": contains, "gold_logprob": gold["item_scores"]},
             "predictions": predictions}
 
 

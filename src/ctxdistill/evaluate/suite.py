@@ -8,31 +8,35 @@ be compared with a paired standard error.
 
 Presets (item counts; 0 in a `n_*` option means "the preset's", -1 means "all"):
 
-| task | quick | full | what |
-| --- | --- | --- | --- |
-| knowledge MCQ sampled | 24 probes x 5 (64 tok) | all x 5 (512 tok) | the paper's domain score |
-| knowledge log-lik | 60 | all | deterministic second number |
-| knowledge short answer | 60 | all | closed-book EM / F1 |
-| IFEval | 30 (160 tok) | 541 (1280 tok) | post-training skill |
-| GSM8K | 15, 2-shot (160 tok) | 1319, 8-shot (512 tok) | post-training skill (math) |
-| HumanEval | 12 (160 tok) | 164 (512 tok) | post-training skill (code), sandboxed |
-| NQ-open | 60, 3-shot | 1000, 3-shot | factual knowledge |
-| MMLU | 100 | 1000 | factual knowledge |
-| PubMedQA | 30 | 500 | biomedical (second domain) |
-| chat drift | 24 prompts (48 tok) | 24 prompts (128 tok) | KL and log-prob of the initial model's replies |
-| per-token KL on docs | all documents | all documents | the forgetting predictor |
+| task | quick | decision | full | what |
+| --- | --- | --- | --- | --- |
+| knowledge MCQ sampled | 24 probes x 5 (64 tok) | 24 x 5 (64 tok) | all x 5 (512 tok) | the paper's domain score |
+| knowledge log-lik | 60 | all | all | deterministic second number |
+| knowledge short answer | 60 | all | all | closed-book EM / F1 |
+| IFEval | 30 (160 tok) | 541 (128 tok) | 541 (1280 tok) | post-training skill |
+| GSM8K | 15, 2-shot (160 tok) | 323, 2-shot (64 tok) | 1319, 8-shot (512 tok) | post-training skill (math) |
+| HumanEval | 12 (160 tok) | 164 (160 tok) | 164 (512 tok) | post-training skill (code), sandboxed |
+| NQ-open | 60, 3-shot | 1479, 3-shot | 1000, 3-shot | factual knowledge |
+| MMLU | 100 | 621 | 1000 | factual knowledge |
+| PubMedQA | 30 | 446 | 500 | biomedical (second domain) |
+| chat drift | 24 prompts (48 tok) | 24 prompts (48 tok) | 24 prompts (128 tok) | KL and log-prob of the initial model's replies |
+| per-token KL on docs | all documents | all documents | all documents | the forgetting predictor |
 
 Log-likelihood and KL scoring run under bf16 autocast in `quick` and in fp32 in `full` (`--score-precision`).
 
-`full` is sized to detect a 5-point drop on each skill at about 2 standard errors (e.g. all 541
-IFEval prompts); `quick` runs the whole suite on SmolLM2-135M on 2 CPU cores in under 10 minutes,
-and its small subsets cannot tell close models apart: the report marks such differences.
+`decision` is sized by a power calculation on the existing study's per-item scores (`python -m
+ctxdistill.evaluate.power docs/results/study_summary.json`, docs/evaluation.md): >= 80 % power for a
+5-point paired IFEval prompt-level difference needs all 541 prompts. `full` runs every item at long
+generation lengths (a GPU budget); `quick` runs the whole suite on SmolLM2-135M on 2 CPU cores in under
+10 minutes, and its small subsets cannot tell close models apart: the report prints each change's
+interval and each table's minimum detectable difference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import platform
@@ -53,6 +57,13 @@ PRESETS = {
               "ifeval": 30, "ifeval_max_new_tokens": 160, "gsm8k": 15, "gsm8k_shots": 2, "gsm8k_max_new_tokens": 160,
               "humaneval": 12, "humaneval_max_new_tokens": 160, "nq_open": 60, "nq_shots": 3, "nq_max_new_tokens": 16,
               "mmlu": 100, "pubmedqa": 30, "chat_max_new_tokens": 48, "doc_max_length": 1024},
+    # sized by `python -m ctxdistill.evaluate.power docs/results/study_summary.json` (docs/evaluation.md): >= 80 % power
+    # for a 5-point paired difference on IFEval prompt-level (all 541), MMLU, PubMedQA, 0.05 nats on NQ gold log-probs,
+    # 0.02 on GSM8K gold log-probs; generation lengths as in the study the calculation timed; about 1 h on one CPU thread
+    "decision": {"probes_sampled": 24, "probes_max_new_tokens": 64, "probes_loglik": -1, "probes_short": -1, "score_precision": "bf16",
+                 "short_max_new_tokens": 24, "ifeval": -1, "ifeval_max_new_tokens": 128, "gsm8k": 323, "gsm8k_shots": 2,
+                 "gsm8k_max_new_tokens": 64, "humaneval": -1, "humaneval_max_new_tokens": 160, "nq_open": 1479, "nq_shots": 3,
+                 "nq_max_new_tokens": 16, "mmlu": 621, "pubmedqa": 446, "chat_max_new_tokens": 48, "doc_max_length": 1024},
     "full": {"probes_sampled": -1, "probes_max_new_tokens": 512, "probes_loglik": -1, "probes_short": -1, "score_precision": "fp32", "short_max_new_tokens": 32,
              "ifeval": -1, "ifeval_max_new_tokens": 1280, "gsm8k": -1, "gsm8k_shots": 8, "gsm8k_max_new_tokens": 512,
              "humaneval": -1, "humaneval_max_new_tokens": 512, "nq_open": 1000, "nq_shots": 3, "nq_max_new_tokens": 24,
@@ -64,7 +75,8 @@ PRESETS = {
 class EvalConfig:
     model: str = opt(DEFAULT_MODEL, "model to evaluate: alias, save_pretrained directory, .gguf file or HF id")
     probes: str = opt("bundled:news_updates_probes", "knowledge probe JSONL (see docs/evaluation.md); empty = no knowledge probes")
-    suite: str = opt("quick", "preset: quick (minutes on CPU) or full (sized for studies)", ("quick", "full"))
+    suite: str = opt("quick", "preset: quick (minutes on CPU), decision (sized by a power calculation, ~1 h on one CPU thread) "
+                              "or full (every item, GPU)", ("quick", "decision", "full"))
     out: str = opt("runs/eval", "output directory: eval.json, predictions/, reference_responses.jsonl")
     tasks: str = opt("all", f"comma-separated subset of: {', '.join(TASKS)}")
     reference: str = opt("", "the initial model, for drift KL and per-token KL (empty: the evaluated model is the reference)")
@@ -106,6 +118,7 @@ class EvalConfig:
     lm_eval_limit: int = opt(0, "optional: items per lm-eval task (0 = all)")
     overwrite: bool = opt(False, "replace an existing eval.json in --out")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
+    allow_pickle_weights: bool = opt(False, "load a model saved only as pytorch_model.bin (unpickled); default: safetensors only")
 
     def validate(self) -> "EvalConfig":
         from ..config import check_choices
@@ -121,6 +134,12 @@ class EvalConfig:
         parts = [p.strip() for p in self.knowledge_parts.split(",") if p.strip()]
         if not parts or set(parts) - {"loglik", "sampled", "short"}:
             raise CtxDistillError(f"knowledge_parts {self.knowledge_parts!r}: choose one or more of loglik, sampled, short (comma-separated)")
+        if not (0 < self.sandbox_timeout < float("inf")) or self.sandbox_memory_mb <= 0:
+            raise CtxDistillError("sandbox_timeout (seconds) and sandbox_memory_mb must be > 0 (defaults: 10 s and 1024 MB)")
+        if "humaneval" in self.task_list():  # before any model loads or --out is made: no isolation, no HumanEval
+            from .sandbox import require_isolation
+
+            require_isolation()
         if self.corpus and not self.reference:
             raise CtxDistillError("--corpus (per-token KL on training documents) needs --reference, the initial model to compare with")
         return self
@@ -189,7 +208,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
     scoring = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     with timer("prepare"):
         gen_model = generation_model(model, cfg.gen_dtype)
-    metrics, task_results, item_scores = {}, {}, {}
+    metrics, task_results, item_scores, item_ids = {}, {}, {}, {}
     bs, seed, data_dir = cfg.batch_size, cfg.seed, cfg.data_dir or None
 
     def record(task: str, result: dict, metric_prefix: str | None = None):
@@ -199,6 +218,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             metrics[f"{prefix}.{name}"] = value
         for name, values in kept.pop("item_scores", {}).items():
             item_scores[f"{prefix}.{name}"] = values
+        for name, ids in kept.pop("item_ids", {}).items():  # items that are not the task's `ids` (e.g. one per IFEval instruction)
+            item_ids[f"{prefix}.{name}"] = ids
         task_results[task] = kept
         if predictions:
             with open(out / "predictions" / f"{task}.jsonl", "w", encoding="utf-8") as f:
@@ -225,7 +246,13 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 result["metrics"]["gold_option_logprob"] = average(gold_logprobs)
                 result["item_scores"]["mcq_loglik"] = [float(p["correct"]) for p in loglik["predictions"]]
                 result["item_scores"]["gold_option_logprob"] = gold_logprobs
-                result["settings"]["mcq_loglik"] = "option log-likelihood / option length in characters, chat template"
+                two = [p for p in loglik["predictions"] if p["two_option"]]
+                if two:  # yes/no probes: the contrastive margin is the continuous domain score
+                    result["metrics"]["option_margin"] = average([p["margin"] for p in two])
+                    result["item_scores"]["option_margin"] = [p["margin"] for p in two]
+                    result["item_ids"] = {"option_margin": [p["id"] for p in two]}
+                result["settings"]["mcq_loglik"] = ("option log-likelihood / option length in characters, chat template; two-option "
+                                                    "probes: the more probable option (summed log-probs, no normalisation)")
                 result["ids"] = [p.id for p in mcq]
             if sampled and "sampled" in parts:
                 vote = score_mcq_sampled(gen_model, tokenizer, [s["probe"] for s in sampled], cfg.mcq_samples, cfg.mcq_temperature,
@@ -233,6 +260,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 result["metrics"]["mcq_sampled"] = {k: vote[k] for k in ("value", "stderr", "n")}
                 result["metrics"]["mcq_parse_rate"] = {"value": vote["parse_rate"], "stderr": float("nan"), "n": vote["n"]}
                 result["item_scores"]["mcq_sampled"] = vote["item_scores"]
+                result.setdefault("item_ids", {})["mcq_sampled"] = [s["id"] for s in sampled]
                 result["settings"]["mcq_sampled"] = vote["settings"] | {"ids": [s["id"] for s in sampled]}
                 result["predictions"] += [{"task": "mcq_sampled"} | p for p in vote["predictions"]]
             if "short" in parts:
@@ -240,7 +268,9 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 short = score_short_answer(gen_model, tokenizer, short_probes, preset["short_max_new_tokens"], bs)
                 for name in ("em", "f1", "contains"):
                     result["metrics"][f"short_{name}"] = short[name]
-                result["item_scores"]["short_f1"] = short["item_scores"]["f1"]
+                for name in ("em", "f1", "contains"):
+                    result["item_scores"][f"short_{name}"] = short["item_scores"][name]
+                result.setdefault("item_ids", {}).update({f"short_{name}": [p.id for p in short_probes] for name in ("em", "f1", "contains")})
                 result["settings"]["short_answer"] = short["settings"]
                 result["predictions"] += [{"task": "short_answer"} | p for p in short["predictions"]]
         record("knowledge", result)
@@ -290,6 +320,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             result = {"metrics": {"chat_logprob": drift["logprob"],
                                   "chat_kl": drift.get("kl", {"value": 0.0, "stderr": 0.0, "n": drift["n_prompts"]})},
                       "item_scores": {"chat_logprob": drift["item_scores"]["logprob"]} | ({"chat_kl": drift["item_scores"]["kl"]} if "kl" in drift else {}),
+                      "ids": [hashlib.sha1(p.encode("utf-8")).hexdigest()[:12] for p in prompts],  # the prompt's text, hashed
                       "settings": {"reference": cfg.reference or "(the evaluated model itself)", "n_prompts": drift["n_prompts"], "n_tokens": drift["n_tokens"],
                                    "decoding": {"mode": "greedy", "max_new_tokens": preset["chat_max_new_tokens"], "dtype": cfg.gen_dtype},
                                    "kl": "KL(reference || model), full vocabulary, mean over response tokens (nats/token)"}}
@@ -304,7 +335,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             documents = [r["doc"] for r in seeded_subset([{"id": d.id, "doc": d} for d in documents], max(cfg.doc_kl_docs, 0), seed)]
             kl = document_kl(reference_model, model, tokenizer, [d.text for d in documents], preset["doc_max_length"], scoring)
             result = {"metrics": {"doc_kl": {k: kl[k] for k in ("value", "stderr", "n")}, "doc_kl_bits": {"value": kl["bits_per_token"], "stderr": kl["stderr"] / math.log(2), "n": kl["n"]}},
-                      "item_scores": {"doc_kl": kl["item_scores"]},
+                      "ids": [d.id for d in documents],
+                      "item_scores": {"doc_kl": kl["item_scores"], "doc_kl_bits": [v / math.log(2) for v in kl["item_scores"]]},
                       "settings": {"corpus": cfg.corpus, "n_tokens": kl["n_tokens"], "skipped_positions": kl["skipped_positions"],
                                    "max_length": preset["doc_max_length"], "kl": "KL(initial || model), whole documents, batch size 1, mean over all tokens"}}
         record("doc_kl", result, metric_prefix="drift")
@@ -328,6 +360,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         "metrics": metrics,
         "tasks": task_results,
         "item_scores": item_scores,
+        "item_ids": item_ids,
         "config": asdict(cfg), "preset": preset,
         "timings_s": {k: round(v, 2) for k, v in timer.seconds.items()} | {"total": round(total, 2)},
         "cpu_s": {k: round(v, 2) for k, v in timer.cpu_seconds.items()} | {"total": round(time.process_time() - cpu_started, 2)},
@@ -350,10 +383,12 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         raise CtxDistillError(f"{out / 'eval.json'} exists; pass --overwrite or choose another --out")
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device)
+    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle_weights=cfg.allow_pickle_weights).to(device)
     reference = None
     if cfg.reference and cfg.reference != cfg.model:
-        reference = load_model(cfg.reference, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device)
+        reference = load_model(cfg.reference, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                               allow_pickle_weights=cfg.allow_pickle_weights).to(device)
     elif cfg.reference == cfg.model:  # the model against itself: drift and per-token KL are 0 by definition
         cfg = replace(cfg, reference="", corpus="")
     return evaluate_model(model, tokenizer, cfg, reference_model=reference, log=log)

@@ -40,6 +40,8 @@ class StudyConfig:
     stages: list = opt_list([], "order of the stages: domain names and `continual` (default: every domain, then continual)")
     domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
+    primary: dict = opt_dict("the pre-registered primary comparison, reported apart from the exploratory ones: "
+                             "{domain, a, b, metric, lr} (e.g. news, disc, ft, ifeval.prompt_strict, 1.0e-4)")
     results_dir: str = opt("", "where results.md, results/*.png and results/study_summary.json go (default: OUT)")
     reading: str = opt("", "a hand-written markdown file pasted into results.md as its 'Reading' section (optional)")
     summary_only: bool = opt(False, "write study_summary.json and results.md from the runs finished so far; trains nothing")
@@ -236,7 +238,7 @@ def trim_eval(data: dict) -> dict:
         run["train"] = {k: tc[k] for k in ("epochs", "method", "student", "split_strategy", "temperature", "disc_positions", "context_kl_threshold",
                                            "replay_method", "replay_n", "replay_kl_weight", "replay_ce_weight", "kl_beta") if k in tc}
     return {"role": data.get("role"), "model": data.get("model"), "suite": data.get("suite"), "run": run, "metrics": data.get("metrics", {}),
-            "item_scores": data.get("item_scores", {}), "tasks": {t: {"ids": v.get("ids")} for t, v in data.get("tasks", {}).items() if isinstance(v, dict)},
+            "item_scores": data.get("item_scores", {}), "item_ids": data.get("item_ids", {}), "tasks": {t: {"ids": v.get("ids")} for t, v in data.get("tasks", {}).items() if isinstance(v, dict)},
             "timings_s": data.get("timings_s", {})}
 
 
@@ -312,7 +314,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
             raise CtxDistillError(f"{summary_path} not found; run the study first or pass --summary PATH")
         from ..study_report import write_results
 
-        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log)
+        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log, primary=cfg.primary)
 
     from ..runtime import set_threads
     from .sweep import run_sweep
@@ -350,7 +352,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     log(f"study: summary -> {summary_path}")
     from ..study_report import write_results
 
-    return write_results(summary, results, cfg.reading, log=log)
+    return write_results(summary, results, cfg.reading, log=log, primary=cfg.primary)
 
 
 def _json_default(value):

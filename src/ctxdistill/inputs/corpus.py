@@ -57,39 +57,73 @@ def bundled_path(name: str) -> Path:
     return path
 
 
+MAX_LINE_BYTES = 64 * 2**20  # one JSONL line or one .txt document; far above any real document
+
+
 def resolve_path(spec: str) -> Path:
     if spec.startswith("bundled:"):
         return bundled_path(spec.split(":", 1)[1])
     path = Path(spec).expanduser()
     if not path.exists():
         raise CtxDistillError(f"corpus {spec} does not exist; pass a JSONL file, a .txt file, a directory of .txt files, or bundled:news_updates")
+    if not (path.is_file() or path.is_dir()):  # a device (/dev/zero), FIFO or socket would be read without end
+        raise CtxDistillError(f"{spec} is not a regular file or a directory; pass a JSONL or .txt file, or a directory of them")
     return path
 
 
-def read_jsonl(path: Path) -> list[tuple[str, dict | None]]:
-    """(location, record) per non-blank line; a record is None when the line is not valid UTF-8."""
-    rows = []
+def _open(path: Path):
     try:
-        raw_lines = path.read_bytes().splitlines()
+        return path.open("rb")
     except OSError as exc:
         raise CtxDistillError(f"cannot read {path}: {exc.strerror}") from None
-    for number, raw in enumerate(raw_lines, start=1):
-        where = f"{path.name}:{number}"
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            rows.append((where, None))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CtxDistillError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-        if not isinstance(record, dict):
-            raise CtxDistillError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        rows.append((where, record))
+
+
+def _too_long(where: str) -> CtxDistillError:
+    return CtxDistillError(f"{where}: longer than {MAX_LINE_BYTES // 2**20} MiB; split it into smaller documents")
+
+
+def _has_lone_surrogate(record) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a "\ud800" escape: text no tokenizer or file can encode
+        return True
+    return False
+
+
+def read_jsonl(path: Path) -> list[tuple[str, dict | None]]:
+    """(location, record) per non-blank line; a record is None when the line is not valid UTF-8 (or holds a lone surrogate)."""
+    rows = []
+    with _open(path) as f:
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            where = f"{path.name}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise _too_long(f"{path}:{number}")
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rows.append((where, None))
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CtxDistillError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            except RecursionError:
+                raise CtxDistillError(f"{path}:{number}: JSON nested too deeply to read; each line must be one flat JSON object") from None
+            if not isinstance(record, dict):
+                raise CtxDistillError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            rows.append((where, None if _has_lone_surrogate(record) else record))
     return rows
+
+
+def read_text(path: Path) -> bytes:
+    """A whole .txt document, refused beyond MAX_LINE_BYTES."""
+    with _open(path) as f:
+        data = f.read(MAX_LINE_BYTES + 1)
+    if len(data) > MAX_LINE_BYTES:
+        raise _too_long(str(path))
+    return data
 
 
 def load_records(spec: str) -> list[tuple[str, dict | None]]:
@@ -107,7 +141,7 @@ def load_records(spec: str) -> list[tuple[str, dict | None]]:
         return read_jsonl(path)
     if path.suffix in (".txt", ".md", ""):
         try:
-            return [(path.name, {"id": path.stem, "text": path.read_bytes().decode("utf-8")})]
+            return [(path.name, {"id": path.stem, "text": read_text(path).decode("utf-8")})]
         except UnicodeDecodeError:
             return [(path.name, None)]
     if path.suffix in DATASETS_SUFFIXES:
