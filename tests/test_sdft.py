@@ -544,3 +544,41 @@ def test_resume_draws_the_same_rollouts_and_ends_bit_identical(tiny_model_dir, r
     assert lines[0] == lines[1]
     counts = [json.loads((p / "run.json").read_text())["counts"] for p in (reference, out)]
     assert counts[0] == counts[1] and counts[0]["sdft_generated_sequences"] == 3
+
+
+def test_two_processes_equal_one_process_accumulating_two(tiny_model_dir, records_file, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each process draws only its own items' rollouts, with the same seeds as
+    one process running both, so losses, weights and counts match (as tests/test_distributed.py for DiSC)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    train = loop_train()
+    values = dict(lr=1e-3, docs_per_step=2, checkpoint_every=0, sdft_max_completion_tokens=4)
+    train(sdft_config(tiny_model_dir, records_file, out=str(tmp_path / "one"), **values), progress=False, log=quiet)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = dict(method="sdft", model=str(tiny_model_dir), corpus=str(records_file), device="cpu", precision="fp32", teacher_dtype="fp32",
+                 seed=0, gen_cache=False, **values)
+    args = [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v)) if k != "gen_cache"] + ["--no-gen-cache"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)]
+    import ctxdistill
+
+    source = str(Path(ctxdistill.__file__).resolve().parents[1])  # the code under test, whatever PYTHONPATH says relative to cwd
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([*torchrun, "-m", "ctxdistill.cli", "train", "--out", str(tmp_path / "two"), "--quiet", *args],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [[json.loads(line) for line in (tmp_path / p / "losses.jsonl").read_text().splitlines()] for p in ("one", "two")]
+    assert [(s["documents"], s["tokens"]) for s in steps[0]] == [(s["documents"], s["tokens"]) for s in steps[1]]
+    torch.testing.assert_close(torch.tensor([s["loss"] for s in steps[1]]), torch.tensor([s["loss"] for s in steps[0]]), rtol=1e-4, atol=1e-6)
+    a, b = (load_file(tmp_path / p / "model" / "model.safetensors") for p in ("one", "two"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    counts = [json.loads((tmp_path / p / "run.json").read_text())["counts"] for p in ("one", "two")]
+    assert counts[0] == counts[1] and counts[0]["sdft_generated_sequences"] == 2, "no process draws another's rollouts"
