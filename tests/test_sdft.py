@@ -434,6 +434,19 @@ def test_bad_records_fail_before_any_model_loads(tiny_model_dir, tmp_path, monke
         get_method(sdft_config(tiny_model_dir, corpus, max_length=64)).load()
 
 
+def test_user_questions_about_documents(tiny_model_dir, corpus_file, tokenizer, tmp_path):
+    """{prompt, document_id} records: the named document is the privileged context."""
+    from conftest import NEWS
+    from ctxdistill.methods.base import get_method
+
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"id": "q1", "prompt": "Who runs Quillon Robotics?", "document_id": "doc-1"}])
+    method, (example,) = prepared(sdft_config(tiny_model_dir, questions, sdft_documents=str(corpus_file)), tokenizer)
+    assert tokenizer.decode(example.teacher_prompt_ids) == "Who runs Quillon Robotics?\n\n" + NEWS[1]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "q1", "prompt": "Who?", "document_id": "doc-9"}])
+    with pytest.raises(CtxDistillError, match="document_id 'doc-9' is not in --sdft-documents"):
+        get_method(sdft_config(tiny_model_dir, bad, sdft_documents=str(corpus_file))).load()
+
+
 def test_contradictory_teacher_options_are_refused(tiny_model_dir, records_file):
     with pytest.raises(CtxDistillError, match="teacher_cache"):  # rollouts are drawn during training: nothing to cache
         sdft_config(tiny_model_dir, records_file, teacher_cache="somewhere")
