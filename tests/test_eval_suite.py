@@ -244,7 +244,7 @@ def test_document_kl_batched_equals_one_document_at_a_time(tiny_model, tokenizer
 def test_decision_preset_sizes_come_from_the_power_calculation_on_the_committed_study():
     from pathlib import Path
 
-    from ctxdistill.evaluate.power import decision_sizes
+    from ctxdistill.experiments.power import decision_sizes
     from ctxdistill.evaluate.suite import PRESETS
 
     summary = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "study_summary.json").read_text())

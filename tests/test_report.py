@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ctxdistill.report import ReportConfig, cp_both, cp_select, difference, group_runs, load_evals, write_report
+from ctxdistill.experiments.comparisons import difference, group_runs, load_evals
+from ctxdistill.experiments.report import ReportConfig, write_report
+from ctxdistill.experiments.selection import cp_both, cp_select
 
 
 def metric(value: float, n: int = 100, prop: bool = True) -> dict:

@@ -9,7 +9,8 @@ import yaml
 
 from ctxdistill.errors import CtxDistillError
 from ctxdistill.experiments.study import continual_rounds, load_study_config, run_study
-from ctxdistill.study_report import interpolate_at, probe_round_accuracy
+from ctxdistill.experiments.comparisons import probe_round_accuracy
+from ctxdistill.stats import interpolate_at
 
 
 def write_study(tmp_path, tiny_model_dir, corpus_file, **extra):
@@ -99,7 +100,7 @@ def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tm
     assert (tmp_path / "docs" / "results.md").read_text() == text
 
     # A domain can have its own domain score (e.g. a log-probability where accuracy cannot move).
-    from ctxdistill.study_report import write_results
+    from ctxdistill.experiments.study_report import write_results
 
     summary["domains"]["news"]["domain_metric"] = "knowledge.gold_option_logprob"
     write_results(summary, tmp_path / "docs2", log=lambda *_: None)
@@ -157,7 +158,7 @@ def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_
 
 
 def test_method_comparisons_pair_the_same_items_and_seeds():
-    from ctxdistill.report import compare, seed_pairs
+    from ctxdistill.experiments.comparisons import compare, seed_pairs
 
     def ev(scores, ids=(1, 2, 3, 4), seed=1):
         return {"metrics": {"t.x": {"value": sum(scores) / 4, "stderr": 0.1, "n": 4}}, "item_scores": {"t.x": scores},
@@ -171,7 +172,7 @@ def test_method_comparisons_pair_the_same_items_and_seeds():
 
 
 def test_matched_gain_table_bootstraps_items_and_reports_the_reach():
-    from ctxdistill.study_report import matched_table
+    from ctxdistill.experiments.study_report import matched_table
 
     ids = [f"q{i}" for i in range(40)]
 

@@ -90,7 +90,7 @@ def add_domain_command(sub) -> None:
 def add_evaluation_commands(sub) -> None:
     """eval, sweep, report, fetch-eval-data (options from their config dataclasses)."""
     from .evaluate.suite import EvalConfig
-    from .report import ReportConfig
+    from .experiments.report import ReportConfig
 
     for name in ("eval", "sweep", "report", "fetch-eval-data", "study"):
         p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
@@ -185,11 +185,13 @@ def cmd_study(args, options: dict) -> None:
 
 
 def cmd_report(args, options: dict) -> None:
-    from .report import ReportConfig, write_report
+    from .experiments.report import ReportConfig, write_report
 
     paths = write_report(build_config(ReportConfig, None, options))
     for method, sel in paths["selection"].items():
         print(f"CP selection {method}: " + (f"lr {sel['lr']:g}" if sel["lr"] is not None else "no learning rate meets the constraint"))
+    for method, sel in paths["selection_confident"].items():
+        print(f"CP selection (confidence-aware) {method}: " + (f"lr {sel['lr']:g}" if sel["lr"] is not None else "no learning rate is certified"))
     print(f"report: {paths['report']}" + "".join(f"\nplot: {p}" for p in paths["plots"]))
 
 

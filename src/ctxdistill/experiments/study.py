@@ -312,7 +312,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
         summary_path = Path(cfg.summary) if cfg.summary else cfg.results_path() / "results" / "study_summary.json"
         if not summary_path.is_file():
             raise CtxDistillError(f"{summary_path} not found; run the study first or pass --summary PATH")
-        from ..study_report import write_results
+        from .study_report import write_results
 
         return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log, primary=cfg.primary)
 
@@ -350,7 +350,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     summary_path = results / "results" / "study_summary.json"
     write_text_atomic(summary_path, json.dumps(summary, default=_json_default) + "\n")
     log(f"study: summary -> {summary_path}")
-    from ..study_report import write_results
+    from .study_report import write_results
 
     return write_results(summary, results, cfg.reading, log=log, primary=cfg.primary)
 

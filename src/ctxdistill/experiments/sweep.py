@@ -205,7 +205,7 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
     status["total_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(status_path, status)
     if cfg.report and shards == 1:
-        from ..report import ReportConfig, write_report
+        from .report import ReportConfig, write_report
 
         paths = write_report(ReportConfig(runs_dir=str(out), cp_threshold=cfg.cp_threshold))
         log(f"sweep: report -> {paths['report']}")

@@ -247,14 +247,13 @@ def save_final(cfg, rt, student, unwrapped, tokenizer, out_dir: Path, build_stud
     Collective: every process takes part (and raises) when the main process fails to write."""
     import torch
 
-    state_dict, merged_factory = None, None
-    if rt.sharded:
-        state_dict = rt.accelerator.get_state_dict(student)
-        if cfg.student == "lora" and cfg.merge_lora:
-            def merged_factory():  # never deep-copy a sharded student: rebuild from the source, load the gathered state
-                base = build_student(cfg.replace(compile=False, gradient_checkpointing=False), torch.device("cpu"))
-                base.load_state_dict(state_dict, strict=False)
-                return base.merge_and_unload()
+    def rebuild_merged():  # never deep-copy a sharded student: rebuild from the source, load the gathered state
+        base = build_student(cfg.replace(compile=False, gradient_checkpointing=False), torch.device("cpu"))
+        base.load_state_dict(state_dict, strict=False)
+        return base.merge_and_unload()
+
+    state_dict = rt.accelerator.get_state_dict(student) if rt.sharded else None
+    merged_factory = rebuild_merged if rt.sharded and cfg.student == "lora" and cfg.merge_lora else None
     written, error = {}, None
     if rt.is_main:
         try:

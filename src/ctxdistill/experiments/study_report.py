@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats
-from .report import (KL_KEYS, METRICS, ReportConfig, Table, _num, build_markdown, compare, cp_both, cp_lines, digits_of, fmt_est,
-                     group_runs, item_vector, jsonable, mean_metric, plot_frontier, plot_kl_vs_drop, scale, seed_pairs, vs_base)
-from .stats import interpolate_at  # noqa: F401  (the interpolation the matched tables use)
+from .. import stats
+from ..stats import interpolate_at  # noqa: F401  (the interpolation the matched tables use)
+from .comparisons import (KL_KEYS, METRICS, compare, digits_of, group_runs, item_vector, mean_metric, probe_round_accuracy,  # noqa: F401
+                          scale, seed_pairs, vs_base)
+from .plots import plot_continual, plot_frontier, plot_kl_vs_drop
+from .report import ReportConfig, Table, _num, build_markdown, fmt_est, jsonable
+from .selection import cp_both, cp_lines
 
 SKILLS = ["ifeval.inst_strict", "gsm8k.accuracy", "humaneval.pass@1"]
 FRONTIER_KEYS = ["drift.chat_kl", "ifeval.prompt_strict", "ifeval.inst_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
@@ -299,24 +302,6 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
     return lines, {"cp": cp["paper"], "cp_confident": cp["confident"], "cp_per_seed": cp["per_seed"], "kl_correlations": correlations}
 
 
-def probe_round_accuracy(evaluation: dict, probe_round: dict, key: str = "knowledge.mcq_loglik") -> dict[int, dict]:
-    """Accuracy (mean, SE, n) on the probes of each round, from an evaluation's per-item scores."""
-    scores = evaluation.get("item_scores", {}).get(key)
-    ids = evaluation.get("tasks", {}).get("knowledge", {}).get("ids")
-    if not scores or not ids or len(scores) != len(ids):
-        return {}
-    by_round: dict[int, list[float]] = {}
-    for pid, score in zip(ids, scores):
-        if pid in probe_round:
-            by_round.setdefault(int(probe_round[pid]), []).append(float(score))
-    out = {}
-    for r, xs in sorted(by_round.items()):
-        mean = sum(xs) / len(xs)
-        se = math.sqrt(mean * (1 - mean) / len(xs)) if len(xs) > 1 else 0.0
-        out[r] = {"value": mean, "stderr": se, "n": len(xs)}
-    return out
-
-
 CONTINUAL_KEYS = ("ifeval.prompt_strict", "ifeval.inst_strict", "drift.chat_kl", "mmlu.accuracy")
 CONTINUAL_PAIRS = (("disc_t0", "ft"), ("disc", "ft"), ("disc_t0", "disc"))
 
@@ -370,52 +355,6 @@ def continual_section(cont: dict, out: Path) -> list[str]:
         plot_continual(path, series, base, probe_round, rounds)
         lines += [f"![continual](results/{path.name})", ""]
     return lines
-
-
-def plot_continual(path: Path, series: dict, base: dict | None, probe_round: dict, rounds: int) -> None:
-    """One panel per round's probes and per retention measure; every round's value printed at its point; 95 % bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import _finish, _grid, color_map, place_labels
-
-    keys = [k for k in ("ifeval.prompt_strict", "ifeval.inst_strict", "drift.chat_kl") if base is None or k in base["metrics"] or k in KL_KEYS]
-    fig, axes = _grid(plt, rounds + len(keys), cols=3)
-    base_acc = probe_round_accuracy(base, probe_round) if base else {}
-
-    labels: dict = {}
-
-    def draw(ax, xs, ys, es, color, label, digits):
-        ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=2, label=label)
-        labels.setdefault(ax, []).extend((x, y, f"{y:.{digits}f}", color) for x, y in zip(xs, ys))
-
-    colors = color_map(series)
-    for method, points in series.items():
-        color = colors[method]
-        for r in range(1, rounds + 1):
-            pts = [(0, base_acc[r])] if r in base_acc else []
-            pts += [(p[0], p[1][r]) for p in points if p[0] >= r and r in p[1]]
-            if pts:
-                draw(axes[r - 1], [x for x, _ in pts], [m["value"] * 100 for _, m in pts], [1.96 * m["stderr"] * 100 for _, m in pts], color, method, 1)
-        for ax, key in zip(axes[rounds:], keys):
-            s = scale(key)
-            pts = [(0, mean_metric([base], key) if key in base["metrics"] else {"value": 0.0, "half": 0.0})] if base else []
-            pts += [(p[0], mean_metric([p[2]], key)) for p in points]
-            pts = [(x, m) for x, m in pts if m]
-            draw(ax, [x for x, _ in pts], [m["value"] * s for _, m in pts], [(m.get("half") or 0.0) * s for _, m in pts], color, method, digits_of(key))
-    for r in range(1, rounds + 1):
-        axes[r - 1].set_title(f"round {r} probes (log-lik MCQ, points), trained in round {r}", fontsize=8)
-    for ax, key in zip(axes[rounds:], keys):
-        ax.set_title(METRICS[key][0] + (" (points)" if scale(key) == 100 else " (nats/token)"), fontsize=8)
-    for ax in axes[: rounds + len(keys)]:
-        ax.set_xlabel("after round (0 = initial model)", fontsize=8)
-        ax.set_xticks(range(0, rounds + 1))
-        ax.set_xlim(-0.3, rounds + 0.5)
-        ax.grid(alpha=0.3)
-        place_labels(ax, labels.get(ax, []), min_dist=0.04)
-    _finish(fig, "Continual updates: each round's value (bars: 95 % intervals; IFEval inst.-level without per-item scores: ±1.96 SE)", path)
 
 
 def compute_account(summary: dict) -> list[str]:

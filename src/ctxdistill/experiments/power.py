@@ -1,6 +1,6 @@
 """The `decision` preset's subset sizes, from a power calculation on an existing study's per-item scores.
 
-    python -m ctxdistill.evaluate.power docs/results/study_summary.json
+    python -m ctxdistill.experiments.power docs/results/study_summary.json
 
 For each task: the spread of the paired differences observed in the study, for the two comparisons a
 decision rests on: each run against the initial model (what the CP rules read) and DiSC against FT
@@ -50,7 +50,7 @@ def _spread(diffs: list[np.ndarray], binary: bool) -> dict:
 def observed_spread(summary: dict, key: str) -> dict:
     """{"vs_initial": ..., "disc_vs_ft": ...}: pooled over every such pair of the study (same items; DiSC − FT at the
     same lr and seed): discordance (binary) or SD (continuous) of the per-item differences."""
-    from ..report import _vectors, group_runs, seed_pairs
+    from .comparisons import _vectors, group_runs, seed_pairs
 
     found = {"vs_initial": ([], True), "disc_vs_ft": ([], True)}
 
