@@ -16,7 +16,7 @@ def real():
 
 
 def test_batched_generation_matches_transformers_greedy(real):
-    from ctxdistill.evaluate.generation import Decoding, generate
+    from ctxdistill.generation.decoding import Decoding, generate
     from ctxdistill.evaluate.probes import chat_prompt_ids
 
     model, tokenizer = real

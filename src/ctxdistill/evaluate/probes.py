@@ -195,7 +195,7 @@ def score_mcq_sampled(model, tokenizer, probes: list[Probe], num_samples: int = 
     `</answer>`. Letters are parsed by `scoring.parse_answer_letter` (tag, then "Answer: X", then a
     lone letter on the first line, then a unique verbatim option text).
     """
-    from .generation import Decoding, generate
+    from ..generation.decoding import Decoding, generate
     from .scoring import LETTERS, majority_vote, parse_answer_letter, proportion
 
     probes = [p for p in probes if p.is_mcq]
@@ -221,7 +221,7 @@ def score_mcq_sampled(model, tokenizer, probes: list[Probe], num_samples: int = 
 
 def score_short_answer(model, tokenizer, probes: list[Probe], max_new_tokens: int = 32, batch_size: int = 32) -> dict:
     """Closed-book greedy answers: normalised exact match and token F1 on the answer line, and 'contains'."""
-    from .generation import Decoding, generate
+    from ..generation.decoding import Decoding, generate
     from .scoring import average, contains_answer, exact_match, first_answer_span, proportion, token_f1
 
     probes = [p for p in probes if p.gold_answers]

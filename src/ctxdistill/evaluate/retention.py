@@ -24,7 +24,7 @@ import torch
 
 from ..generation.sampling import chat_ids
 from . import data as eval_data
-from .generation import Decoding, generate
+from ..generation.decoding import Decoding, generate
 from .probes import completion_logprobs
 from .sandbox import Limits, humaneval_program, require_isolation, run_programs
 from .scoring import (LETTERS, average, contains_answer, exact_match, extract_final_number, first_answer_span,

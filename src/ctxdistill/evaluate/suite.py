@@ -46,9 +46,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import opt
 from ..errors import CtxDistillError
+from ..files import write_text_atomic
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
+from ..options import opt
+from ..runtime import PhaseTimer, versions
 
 TASKS = ("knowledge", "ifeval", "gsm8k", "humaneval", "nq_open", "mmlu", "pubmedqa", "drift", "doc_kl")
 
@@ -121,7 +123,7 @@ class EvalConfig:
     allow_pickle_weights: bool = opt(False, "load a model saved only as pytorch_model.bin (unpickled); default: safetensors only")
 
     def validate(self) -> "EvalConfig":
-        from ..config import check_choices
+        from ..options import check_choices
 
         check_choices(self)
         unknown = [t for t in self.task_list() if t not in TASKS]
@@ -140,6 +142,12 @@ class EvalConfig:
             from .sandbox import require_isolation
 
             require_isolation()
+        if not self.fetch:  # --no-fetch: missing data is an error before anything loads or is written, never a download
+            from . import data as eval_data
+
+            for task in self.task_list():
+                if task in eval_data.DATASET_SOURCE:
+                    eval_data.ensure_data(task, self.data_dir or None, fetch=False)
         if self.corpus and not self.reference:
             raise CtxDistillError("--corpus (per-token KL on training documents) needs --reference, the initial model to compare with")
         return self
@@ -165,15 +173,6 @@ def _n(value: int) -> int:
     return 0 if value < 0 else value
 
 
-def versions() -> dict:
-    import transformers
-
-    from .. import __version__
-
-    return {"ctxdistill": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 def _strip(result: dict) -> tuple[dict, list]:
     """Split a task result into what eval.json keeps and the predictions (written to their own file)."""
     result = dict(result)
@@ -186,7 +185,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
     """Run the configured tasks on an in-memory model; write `cfg.out`/eval.json and return its content."""
     from . import retention
     from .drift import document_kl, greedy_responses, load_chat_prompts, load_responses, response_drift, save_responses
-    from .generation import Timer, generation_model
+    from ..generation.decoding import generation_model
     from .probes import load_probes, score_mcq_loglik, score_mcq_sampled, score_short_answer
     from .scoring import average
     from .sandbox import Limits
@@ -199,7 +198,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise CtxDistillError(f"{out / 'eval.json'} exists; pass --overwrite or choose another --out")
     (out / "predictions").mkdir(exist_ok=True)
-    preset, tasks, timer = cfg.preset(), cfg.task_list(), Timer()
+    preset, tasks, timer = cfg.preset(), cfg.task_list(), PhaseTimer()
     started, cpu_started = time.perf_counter(), time.process_time()
     device = next(model.parameters()).device
     model.eval()
@@ -366,9 +365,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         "cpu_s": {k: round(v, 2) for k, v in timer.cpu_seconds.items()} | {"total": round(time.process_time() - cpu_started, 2)},
         "environment": versions() | {"device": str(device), "threads": torch.get_num_threads(), "platform": platform.platform()},
     }
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
-    tmp.replace(out / "eval.json")
+    write_text_atomic(out / "eval.json", json.dumps(report, indent=1, default=str) + "\n")
     log(f"eval: total {total:.0f} s -> {out / 'eval.json'}")
     return report
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import stats
 from ..errors import CtxDistillError
+from ..files import write_text_atomic
 from ..options import opt
 from .comparisons import KL_KEYS, METRICS, SKILLS, digits_of, group_runs, load_evals, mean_metric, scale, vs_base
 from .plots import plot_frontier, plot_kl_vs_drop
@@ -199,9 +200,9 @@ def write_report(cfg: ReportConfig) -> dict:
         text += "\nSpearman correlation between per-token KL on the training documents and each drop: " + ", ".join(
             f"{METRICS.get(k, (k,))[0]} {v:.2f}" if v is not None else f"{METRICS.get(k, (k,))[0]} –" for k, v in correlations.items()) + ".\n"
     report_path = out / "report.md"
-    report_path.write_text(text, encoding="utf-8")
-    (out / "selection.json").write_text(json.dumps(jsonable({"cp": cp["paper"], "cp_confident": cp["confident"], "cp_per_seed": cp["per_seed"],
+    write_text_atomic(report_path, text)
+    write_text_atomic(out / "selection.json", json.dumps(jsonable({"cp": cp["paper"], "cp_confident": cp["confident"], "cp_per_seed": cp["per_seed"],
                                                     "threshold": cfg.cp_threshold, "skills": skills,
                                                     "domain_metric": cfg.domain_metric, "kl_correlations": correlations}),
-                                                   indent=2, default=str) + "\n", encoding="utf-8")
+                                                   indent=2, default=str) + "\n")
     return {"report": str(report_path), "plots": plots, "selection": cp["paper"], "selection_confident": cp["confident"]}

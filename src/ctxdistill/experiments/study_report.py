@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import stats
+from ..files import write_text_atomic
 from ..stats import interpolate_at  # noqa: F401  (the interpolation the matched tables use)
-from .comparisons import (KL_KEYS, METRICS, compare, digits_of, group_runs, item_vector, mean_metric, probe_round_accuracy,  # noqa: F401
+from .comparisons import (KL_KEYS, METRICS, SKILLS, compare, digits_of, group_runs, item_vector, mean_metric, probe_round_accuracy,  # noqa: F401
                           scale, seed_pairs, vs_base)
 from .plots import plot_continual, plot_frontier, plot_kl_vs_drop
 from .report import ReportConfig, Table, _num, build_markdown, fmt_est, jsonable
 from .selection import cp_both, cp_lines
 
-SKILLS = ["ifeval.inst_strict", "gsm8k.accuracy", "humaneval.pass@1"]
 FRONTIER_KEYS = ["drift.chat_kl", "ifeval.prompt_strict", "ifeval.inst_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
                  "drift.chat_logprob", "gsm8k.gold_logprob", "nq_open.gold_logprob"]
 HEADLINE_METHODS = ("disc", "ft", "disc_all", "ft_kl")
@@ -415,9 +415,7 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     if summary.get("continual"):
         lines += continual_section(summary["continual"], figures)
     path = results_dir / "results.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    tmp.replace(path)
-    (figures / "selection.json").write_text(json.dumps(jsonable(extra), indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
+    write_text_atomic(figures / "selection.json", json.dumps(jsonable(extra), indent=2, default=str) + "\n")
     log(f"study: results -> {path}")
     return {"results": str(path), "selection": extra}

@@ -21,6 +21,10 @@ Optional, declared here with their defaults:
 - `needs_teacher()`: whether the loop must build a teacher (decided from the config, never changed
   while training);
 - `resets_optimizer(item)`: the AdamW state is cleared before the step holding this item;
+- `after_step(student, teacher, step)`: called after each optimizer step (SDFT's EMA teacher moves here);
+- `state_dict(teacher)` / `load_state_dict(state, teacher)`: what the method keeps besides the model
+  weights, so a resumed run continues exactly: `{"tensors": {name: tensor}, "json": {...}}`, the tensors
+  the same on every process, the JSON per process;
 - `check(cfg)`: rules that tie this method to shared options (e.g. DiSC's teacher cache);
 - `student_kind(cfg)`: the student `auto` resolves to.
 """
@@ -54,7 +58,8 @@ class LossOutput:
     """A method's loss for one item (or one packed batch of items) and what the loop logs about it.
 
     `metrics` (e.g. ce, kl, tau) are averaged over the step's items into losses.jsonl; `counts` are
-    summed over steps and processes into run.json `counts`.
+    summed over steps and processes into run.json `counts`; `seconds` are summed over the run into
+    run.json `timings_s` (the main process's), apart from `train`.
     """
 
     loss: torch.Tensor
@@ -62,6 +67,7 @@ class LossOutput:
     teacher_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent outside the forward/backward, e.g. {"rollouts": 1.2}
 
 
 @dataclass
@@ -139,6 +145,15 @@ class Method:
 
     def resets_optimizer(self, item) -> bool:
         return False
+
+    def after_step(self, student, teacher, step: int) -> None:
+        """After optimizer step `step` (1-based): update state that follows the student."""
+
+    def state_dict(self, teacher) -> dict:
+        return {"tensors": {}, "json": {}}
+
+    def load_state_dict(self, state: dict, teacher) -> None:
+        """Restore `state_dict`'s content on resume (called after the teacher is built)."""
 
 
 def method_class(name: str) -> type[Method]:

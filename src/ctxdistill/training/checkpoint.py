@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -132,10 +132,12 @@ def _fsync_file(path: Path) -> None:
 
 
 def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict | None,
-                    state: dict, keep: int) -> Path:
+                    state: dict, keep: int, method_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint for `step` atomically and prune to the last `keep`. Main process only.
 
-    `optimizer_state` is {"state": {name: {key: tensor}}, "param_groups": [{..., "params": [names]}]}.
+    `optimizer_state` is {"state": {name: {key: tensor}}, "param_groups": [{..., "params": [names]}]};
+    `method_tensors` is what the method keeps besides the weights (e.g. SDFT's EMA teacher), in
+    `method.safetensors`.
     A failure (disk full, ...) removes the partial directory and raises CtxDistillError naming the
     checkpoint that is still intact.
     """
@@ -158,6 +160,8 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             meta["param_groups"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
                                     for g in optimizer_state["param_groups"]]
+        if method_tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in method_tensors.items()}, str(tmp / "method.safetensors"))
         write_json_atomic(tmp / "state.json", state | {"format": FORMAT, "step": step, "optimizer": meta, "saved_unix": time.time()})
         for f in tmp.iterdir():
             _fsync_file(f)
@@ -186,6 +190,7 @@ class Checkpoint:
     state: dict
     trainable: dict[str, torch.Tensor]
     optimizer: dict | None  # same shape as save_checkpoint's optimizer_state
+    method_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def read_state(path: Path) -> dict:
@@ -207,14 +212,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
             flat = load_file(str(path / "optimizer.safetensors"))
             per_param: dict[str, dict] = {}
             for key, value in flat.items():
-                name, _, field = key.rpartition("::")
-                per_param.setdefault(name, {})[field] = value
+                name, _, slot = key.rpartition("::")
+                per_param.setdefault(name, {})[slot] = value
             groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["optimizer"]["param_groups"]]
             optimizer = {"state": per_param, "param_groups": groups}
+        method_tensors = load_file(str(path / "method.safetensors")) if (path / "method.safetensors").is_file() else {}
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise CtxDistillError(f"checkpoint {path} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
                               f"delete it to resume from the one before, or pass --overwrite") from None
-    return Checkpoint(path, state, trainable, optimizer)
+    return Checkpoint(path, state, trainable, optimizer, method_tensors)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from ..teachers import Teacher, build_teacher
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .outputs import LossLog, open_output, run_summary, save_final, write_summary
-from .resume import TrainState, check_compatible, load_trainable, plan_fingerprint, restore_state
+from .resume import TrainState, check_compatible, load_trainable, plan_fingerprint, restore_random_state, restore_state
 from .signals import StopSignals
 
 
@@ -51,10 +51,6 @@ class TrainResult:
     tokenizer: object
     summary: dict
     out_dir: Path | None
-
-
-def quiet(*args, **kwargs) -> None:
-    return None
 
 
 def epoch_items(method: Method, examples: list, seed: int, epoch: int) -> list:
@@ -94,12 +90,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     try:
         trainer.setup()
         trainer.run()
-        return trainer.finish()
-    except (CtxDistillError, TrainingInterrupted, KeyboardInterrupt):
-        trainer.close(failed=True)
+        result = trainer.finish()
+    except BaseException:
+        trainer.close(failed=True)  # OUT is released, and removed when this run created it and wrote nothing
         raise
-    finally:
-        trainer.close()
+    trainer.close()
+    return result
 
 
 class Trainer:
@@ -112,7 +108,7 @@ class Trainer:
         self.documents, self.corpus_report = self.method.load()  # the input is validated before any model loads
         self.micro_steps = math.ceil(cfg.docs_per_step / launched_world_size())
         self.rt = dist.create_runtime(cfg.device, self.micro_steps, cfg.cudnn_attention)
-        self.say = log if self.rt.is_main else quiet
+        self.say = log if self.rt.is_main else (lambda *args, **kwargs: None)
         self.progress = progress and self.rt.is_main
         dist.check_engine_support(cfg, self.rt)
         for line in self.corpus_report.summary():
@@ -164,6 +160,8 @@ class Trainer:
         if resumed is not None:
             self.state = restore_state(resumed, self.fingerprints, self.resume_from)
             load_trainable(student, resumed.trainable, self.trainable_names, self.resume_from)
+            method_json = resumed.state.get("method_state") or [{}] * rt.world
+            method.load_state_dict({"tensors": resumed.method_tensors, "json": method_json[rt.rank % len(method_json)]}, teacher)
             self.say(f"resuming from {self.resume_from} (step {self.state.step} of {self.total_steps})")
         self.load_seconds = time.perf_counter() - self.started - prepared.generation.get("seconds", 0.0)
 
@@ -183,22 +181,10 @@ class Trainer:
         self.params = list(student.parameters())
         if resumed is not None:
             dist.load_optimizer(rt, student, self.raw_optimizer, resumed.optimizer, self.names)
-        self.restore_random_state(resumed)
+        restore_random_state(resumed, rt, self.cfg.seed, self.state.step, self.say)
         self.last_saved = self.state.step if self.out_dir else None
         self.losses = LossLog(self.out_dir if rt.is_main else None, self.state.step if resumed is not None else None)
         self.resumed = resumed
-
-    def restore_random_state(self, resumed) -> None:
-        rng_states = resumed.state.get("rng") if resumed is not None else None
-        if rng_states and len(rng_states) == self.rt.world:
-            ckpt.restore_rng(rng_states[self.rt.rank])
-            return
-        if rng_states:
-            self.say(f"warning: the checkpoint was written by {len(rng_states)} process(es), this run has {self.rt.world}: "
-                     f"data order and split points continue exactly, dropout masks do not")
-        # dropout and sampling streams: per process, and independent of how much randomness loading consumed
-        random.seed(self.cfg.seed + self.rt.rank)
-        torch.manual_seed(self.cfg.seed + self.rt.rank + 1_000_003 * self.state.step)
 
     # -- the steps --------------------------------------------------------------------------------
 
@@ -275,6 +261,7 @@ class Trainer:
         info = torch.zeros(5 + len(group), dtype=torch.float64)
         metrics: dict[str, list[float]] = {}  # name -> [sum over items, items]
         counts: dict[str, int] = {}
+        step_seconds: dict[str, float] = {}
         engine_scale = rt.world if rt.sharded else 1  # FSDP and DeepSpeed average gradients over processes
         if rt.mode == "deepspeed":
             engine_scale *= len(slots)  # DeepSpeed also divides by its accumulation steps
@@ -298,6 +285,8 @@ class Trainer:
                 total[1] += len(unit)
             for name, n in out.counts.items():
                 counts[name] = counts.get(name, 0) + int(n)
+            for name, seconds in out.seconds.items():
+                step_seconds[name] = step_seconds.get(name, 0.0) + float(seconds)
         if self.signals is not None and self.signals.received is not None:
             info[4] = 1
         info = rt.all_sum(info)
@@ -323,6 +312,9 @@ class Trainer:
             return self.nonfinite_step(record, bad_docs, rng_before)
         self.optimizer.step()
         state.step += 1
+        self.method.after_step(self.unwrapped, self.teacher, state.step)
+        for name, seconds in step_seconds.items():
+            state.seconds[name] = state.seconds.get(name, 0.0) + seconds
         for name, n in (("steps", 1), ("optimizer_steps", 1), ("documents", len(group)), ("student_tokens", int(info[2].item())),
                         ("teacher_tokens", int(info[3].item()))):
             state.counts[name] += n
@@ -407,13 +399,16 @@ class Trainer:
         rngs = rt.gather_json(rng_local if rng_local is not None else ckpt.capture_rng())
         trainable = dist.gather_trainable(rt, self.student, self.unwrapped, self.trainable_names)
         optimizer_state = dist.gather_optimizer(rt, self.student, self.raw_optimizer, self.names)
+        method_state = self.method.state_dict(self.teacher)
+        method_json = rt.gather_json(method_state["json"])
         path, error = None, None
         if rt.is_main:
             try:
                 path = ckpt.save_checkpoint(self.out_dir, state.step, trainable, optimizer_state, {
-                    "counts": state.counts, "nonfinite_skipped": state.skipped, "rng": rngs, "world_size": rt.world,
-                    "mode": rt.mode, "config": self.cfg.flat(), "fingerprints": self.fingerprints, "versions": versions(),
-                }, self.cfg.keep_checkpoints)
+                    "counts": state.counts, "nonfinite_skipped": state.skipped, "seconds": state.seconds, "rng": rngs,
+                    "world_size": rt.world, "mode": rt.mode, "config": self.cfg.flat(), "fingerprints": self.fingerprints,
+                    "versions": versions(), "method_state": method_json,
+                }, self.cfg.keep_checkpoints, method_state["tensors"])
             except CtxDistillError as exc:
                 error = exc
         rt.raise_if_any(error, "write a checkpoint")

@@ -223,7 +223,7 @@ def run_summary(trainer) -> dict:
         "counts": state.counts,
         "nonfinite_skipped": state.skipped,
         "timings_s": {"load": round(trainer.load_seconds, 3), "generate": round(prepared.generation.get("seconds", 0.0), 3),
-                      "train": round(trainer.train_seconds, 3)},
+                      "train": round(trainer.train_seconds, 3)} | {name: round(v, 3) for name, v in sorted(state.seconds.items())},
         "throughput": {"documents_per_s": state.counts["documents"] / max(trainer.train_seconds, 1e-9),
                        "student_tokens_per_s": state.counts["student_tokens"] / max(trainer.train_seconds, 1e-9)},
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class TrainState:
     counts: dict = field(default_factory=lambda: {"steps": 0, "optimizer_steps": 0, "skipped_steps": 0, "documents": 0,
                                                   "student_tokens": 0, "teacher_tokens": 0})
     skipped: list = field(default_factory=list)  # [{"step", "documents", "reason"}] under on_nonfinite skip
+    seconds: dict = field(default_factory=dict)  # LossOutput.seconds summed over the run (this process)
 
 
 def plan_fingerprint(plans: list[list]) -> list[str]:
@@ -75,7 +77,27 @@ def restore_state(resumed: Checkpoint, fingerprints: dict, path: Path) -> TrainS
     old_plans, new_plans = saved["fingerprints"]["plans"], fingerprints["plans"]
     if new_plans[: len(old_plans)] != old_plans[: len(new_plans)]:
         raise CtxDistillError(f"cannot resume from {path}: the document order or split points would differ from the checkpointed run")
-    return TrainState(step=saved["step"], counts=dict(saved["counts"]), skipped=list(saved.get("nonfinite_skipped", [])))
+    return TrainState(step=saved["step"], counts=dict(saved["counts"]), skipped=list(saved.get("nonfinite_skipped", [])),
+                      seconds=dict(saved.get("seconds", {})))
+
+
+def restore_random_state(resumed: Checkpoint | None, rt, seed: int, step: int, say) -> None:
+    """The checkpoint's RNG states when the process count matches; otherwise fresh per-process streams.
+
+    Data order and split points never depend on these (epoch plans come from (seed, epoch) alone); dropout
+    masks and sampling do."""
+    from .checkpoint import restore_rng
+
+    rng_states = resumed.state.get("rng") if resumed is not None else None
+    if rng_states and len(rng_states) == rt.world:
+        restore_rng(rng_states[rt.rank])
+        return
+    if rng_states:
+        say(f"warning: the checkpoint was written by {len(rng_states)} process(es), this run has {rt.world}: "
+            f"data order and split points continue exactly, dropout masks do not")
+    # dropout and sampling streams: per process, and independent of how much randomness loading consumed
+    random.seed(seed + rt.rank)
+    torch.manual_seed(seed + rt.rank + 1_000_003 * step)
 
 
 def load_trainable(model, tensors: dict, trainable_names: list[str], path: Path) -> None:

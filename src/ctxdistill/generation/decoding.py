@@ -9,20 +9,19 @@ long answer does not keep a whole batch of short ones decoding. Sampling is seed
 On CPU, bf16 weights decode about twice as fast as fp32 (no per-step weight casts, half the memory
 traffic); `generation_model(model, "bf16")` makes that copy once.
 
-`ctxdistill.generate.sample` (used by the training methods) wraps `model.generate`; this loop exists
+`generation.sampling.sample` (used by the training methods) wraps `model.generate`; this loop exists
 for what evaluation needs on top: several samples per prompt, stop strings, and dropping finished
-rows from the KV cache. Both share the stop-token and padding helpers of `ctxdistill.generate`.
+rows from the KV cache. Both share the stop-token and padding helpers of `generation.sampling`.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..generation.sampling import left_pad, stop_token_ids
+from .sampling import left_pad, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -134,24 +133,3 @@ def generate(model, tokenizer, prompts: list[list[int]], decoding: Decoding, bat
         if progress is not None:
             progress(len(batch))
     return results  # type: ignore[return-value]
-
-
-class Timer:
-    """Wall-clock and CPU seconds (all threads of this process) per named phase."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.cpu_seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start, self.cpu = time.perf_counter(), time.process_time()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
-                timer.cpu_seconds[name] = timer.cpu_seconds.get(name, 0.0) + time.process_time() - self.cpu
-
-        return _Phase()
