@@ -513,16 +513,24 @@ def test_two_steps_through_the_loop(tiny_model_dir, records_file, tmp_path):
     counts = json.loads((out / "run.json").read_text())["counts"]
     assert counts["sdft_generated_sequences"] == 2 and counts["sdft_generated_tokens"] > 0
     assert all(s["generation_s"] >= 0 for s in steps)  # the rollouts' share of the step time, per step
+    timings = json.loads((out / "run.json").read_text())["timings_s"]
+    assert 0 < timings["rollouts"] <= timings["train"]  # generation apart, and part of the training time
+    assert not any("second" in name or name.endswith("_s") for name in counts)  # counts stay deterministic
     assert result.summary["counts"]["optimizer_steps"] == 2
 
 
-NO_HOOKS = pytest.mark.xfail(raises=CtxDistillError, strict=True,
-                             reason="the loop does not call Sdft.after_step / keep Sdft.state_dict in checkpoints yet")
+RESUME_CASES = {  # teacher, student, rollout window, the optimizer step during which SIGTERM arrives
+    "base-lora": dict(sdft_teacher="base", student="lora"),
+    "ema-lora": dict(sdft_teacher="ema", student="lora"),  # the shadow adapter in method.safetensors
+    # the EMA'd frozen copy in method.safetensors, and step 2's rollout (drawn at step 1, with its logprobs for
+    # the IS ratio) in state.json method_state
+    "ema-full-window": dict(sdft_teacher="ema", student="full", sdft_generate_every=2, stop_during=1),
+}
 
 
-@pytest.mark.parametrize("teacher", ["base", pytest.param("ema", marks=NO_HOOKS)])
-def test_resume_draws_the_same_rollouts_and_ends_bit_identical(tiny_model_dir, records_file, tmp_path, monkeypatch, teacher):
-    """SIGTERM during step 2 (the step finishes and is checkpointed), rerun: the same weights, losses and counts
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_draws_the_same_rollouts_and_ends_bit_identical(tiny_model_dir, records_file, tmp_path, monkeypatch, case):
+    """SIGTERM during a step (the step finishes and is checkpointed), rerun: the same weights, losses and counts
     as an uninterrupted run (LoRA with dropout, so the restored torch RNG matters too)."""
     import os
     import signal
@@ -531,15 +539,16 @@ def test_resume_draws_the_same_rollouts_and_ends_bit_identical(tiny_model_dir, r
     from ctxdistill.methods.sdft import Sdft
 
     train = loop_train()
-    values = dict(lr=1e-3, max_steps=3, checkpoint_every=0, student="lora", lora_r=4, lora_dropout=0.1, lora_targets="q_proj,v_proj",
-                  sdft_max_completion_tokens=4, sdft_teacher=teacher, sdft_ema_rate=0.5, epochs=2)
+    values = dict(lr=1e-3, max_steps=3, checkpoint_every=0, lora_r=4, lora_dropout=0.1, lora_targets="q_proj,v_proj",
+                  sdft_max_completion_tokens=4, sdft_ema_rate=0.5, epochs=2) | RESUME_CASES[case]
+    stop_during = values.pop("stop_during", 2)
     reference = tmp_path / "reference"
     train(sdft_config(tiny_model_dir, records_file, out=str(reference), **values), progress=False, log=quiet)
     out, original, calls = tmp_path / "stopped", Sdft.batch_loss, {"n": 0}
 
     def signalling(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == stop_during:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; the step finishes
         return original(self, *args, **kwargs)
 
@@ -547,16 +556,23 @@ def test_resume_draws_the_same_rollouts_and_ends_bit_identical(tiny_model_dir, r
     with pytest.raises(TrainingInterrupted):
         train(sdft_config(tiny_model_dir, records_file, out=str(out), **values), progress=False, log=quiet)
     monkeypatch.setattr(Sdft, "batch_loss", original)
-    train(sdft_config(tiny_model_dir, records_file, out=str(out), **values), progress=False, log=quiet)
     from safetensors.torch import load_file
 
-    a, b = (load_file(p / "model" / "adapter_model.safetensors") for p in (reference, out))
+    (saved,) = (out / "checkpoints").glob("step-*")
+    assert bool((saved / "method.safetensors").is_file()) == (values["sdft_teacher"] == "ema")  # the EMA, not rebuilt from the start
+    pending = json.loads((saved / "state.json").read_text())["method_state"][0]["rollouts"]
+    assert len(pending) == (1 if "sdft_generate_every" in values else 0)  # drawn at step 1, trained on at step 2
+    train(sdft_config(tiny_model_dir, records_file, out=str(out), **values), progress=False, log=quiet)
+
+    weights = "adapter_model.safetensors" if values["student"] == "lora" else "model.safetensors"
+    a, b = (load_file(p / "model" / weights) for p in (reference, out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = [[{k: v for k, v in json.loads(line).items() if not k.endswith("_s") and k != "elapsed_s"}
               for line in (p / "losses.jsonl").read_text().splitlines()] for p in (reference, out)]
     assert lines[0] == lines[1]
     counts = [json.loads((p / "run.json").read_text())["counts"] for p in (reference, out)]
-    assert counts[0] == counts[1] and counts[0]["sdft_generated_sequences"] == 3
+    # 3 steps: one rollout each, or two windows of 2 steps (the second window is drawn whole at step 3)
+    assert counts[0] == counts[1] and counts[0]["sdft_generated_sequences"] == (4 if "sdft_generate_every" in values else 3)
 
 
 def test_two_processes_equal_one_process_accumulating_two(tiny_model_dir, records_file, tmp_path):

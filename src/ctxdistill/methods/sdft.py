@@ -40,22 +40,12 @@ Rollouts come from the student's current weights at the step that trains on them
 from its own generator, seeded by the item's seed from the data order (`plan`): a resumed run, another
 process count or another packing draws the same rollouts, and the training RNG is not touched.
 
-Contract additions this method needs from the loop (not in methods/base.py yet):
-1. After `self.optimizer.step()` and `state.step += 1` in `Loop.step` (training/loop.py):
-   `self.method.after_step(self.unwrapped, self.teacher, state.step)` (a no-op default on `Method`): the
-   EMA teacher's update. Until then an `ema` run stops with a clear error at its first sync step rather
-   than silently training against `base`.
-2. `Loop.checkpoint`: `part = self.method.state_dict(self.teacher)`; save `part["tensors"]` (the EMA
-   weights, the same on every process) as OUT/checkpoints/step-N/method.safetensors and
-   `rt.gather_json(part["json"])` (per process, like the RNG states: rollouts drawn but not trained on,
-   only with `sdft_generate_every > 1`) in state.json; on resume, after `build_teacher`:
-   `self.method.load_state_dict({"tensors": ..., "json": <this rank's>}, teacher)`. Default on `Method`:
-   `state_dict` -> {"tensors": {}, "json": {}}, `load_state_dict` a no-op.
-3. Rollout time: `LossOutput` has no timing channel, so it is the per-step metric `generation_s` in
-   losses.jsonl (counts must stay deterministic). Proposed: `LossOutput.seconds: dict[str, float]`, summed
-   by the loop into run.json `timings_s` (here {"rollouts": ...}, next to "train").
-4. Sharded engines (FSDP/DeepSpeed ZeRO-3) must gather the weights for `generate` (TRL's
-   unwrap_model_for_generation); until then SDFT is for single-process and data-parallel runs.
+State through the method contract (methods/base.py): `after_step` moves the EMA teacher; `state_dict` /
+`load_state_dict` carry the EMA weights (method.safetensors) and the rollouts drawn but not trained on yet
+(per process, state.json `method_state`) across a resume; `LossOutput.seconds["rollouts"]` is the time spent
+drawing them (run.json `timings_s.rollouts`, a part of `train`), while counts stay deterministic. Sharded
+engines (FSDP/DeepSpeed ZeRO-3) would have to gather the weights for sampling (TRL's
+unwrap_model_for_generation); until then SDFT is for single-process and data-parallel runs.
 """
 
 from __future__ import annotations
@@ -268,7 +258,6 @@ class Sdft(Method):
         self.ema_shadow: dict[str, torch.Tensor] | None = None  # LoRA + ema: the shadow adapter
         self.pending_rollouts: dict = {}  # restored from a checkpoint, used before drawing anew
         self.open_windows: dict[int, RolloutWindow] = {}  # windows holding rollouts not trained on yet
-        self.ema_synced = False  # after_step was called, or the EMA was restored from a checkpoint
         self.rollout_seconds = 0.0  # spent drawing rollouts in the current loss call
         self._planning_rng = None
         self._position = 0
@@ -529,7 +518,6 @@ class Sdft(Method):
         from ..models import final_hidden_states, plain_lm_head
 
         c = self.config
-        self.check_ema_hook(items)
         self.rollout_seconds = 0.0
         rollouts, counts = self.rollouts(student, items, device)
         skip = c.sdft_loss_tokens_to_skip
@@ -566,27 +554,18 @@ class Sdft(Method):
                                                                                c.sdft_is_clip, c.sdft_temperature)
                     loss = (per_position * weights).sum()
         lengths = [len(comp) for _, comp, _ in rows]
-        # counts stay deterministic (resume and process-count checks compare them); the rollout time is a metric
+        # counts stay deterministic (resume and process-count checks compare them); the rollout time goes to run.json
+        # timings_s.rollouts (summed by the loop) and, per step, to the metric generation_s (the benchmark reads it)
         metrics = {"completion_tokens": sum(lengths) / max(len(lengths), 1), "generation_s": round(self.rollout_seconds, 4)}
         return LossOutput(loss, student_tokens=loss_tokens, teacher_tokens=int(teacher_batch.attention.sum()), metrics=metrics,
-                          counts=counts)
+                          counts=counts, seconds={"rollouts": self.rollout_seconds})
 
     # -- teacher state --------------------------------------------------------------------------------
-
-    def check_ema_hook(self, items: list[SdftItem]) -> None:
-        """An ema teacher that was never updated (the loop does not call `after_step`) would silently be `base`."""
-        c = self.config
-        if c.sdft_teacher != "ema" or self.ema_synced:
-            return
-        if min(i.position for i in items) // self.cfg.docs_per_step >= c.sdft_teacher_sync_steps:
-            raise CtxDistillError("sdft_teacher ema: the teacher was never updated; the training loop must call Sdft.after_step "
-                                  "after every optimizer step and keep Sdft.state_dict in its checkpoints (see methods/sdft.py)")
 
     @torch.no_grad()
     def after_step(self, student, teacher, step: int) -> None:
         """The EMA teacher's update after optimizer step `step` (TRL: on_step_end when global_step % sync == 0)."""
         c = self.config
-        self.ema_synced = True
         if c.sdft_teacher != "ema" or step % c.sdft_teacher_sync_steps:
             return
         rate = c.sdft_ema_rate
@@ -635,7 +614,6 @@ class Sdft(Method):
             with torch.no_grad():
                 for name, param in teacher.model.named_parameters():
                     param.copy_(ema[name])
-        self.ema_synced = True
 
 
 # -- rollouts: per-row seeded sampling ------------------------------------------------------------------
