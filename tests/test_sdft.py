@@ -96,7 +96,7 @@ def completion_batch(seed=0, batch=3, length=6, vocab=40, hidden=16):
 
 def ctxdistill_loss(h_s, h_t, w_s, w_t, mask, lengths, *, alpha, temperature=1.0, topk=0, add_tail=False, skip=0, chunk_size=4):
     """ctxdistill's path: the distilled rows only, weighted by the method's `position_weights`, chunked LM head."""
-    from ctxdistill.methods.sdft import position_weights
+    from ctxdistill.losses import position_weights
 
     keep = mask.bool() & (torch.arange(mask.shape[1])[None] >= skip)
     weights = position_weights(lengths, skip, [1] * len(lengths), len(lengths))  # each row its own item
@@ -211,7 +211,7 @@ def items_of(method, examples, seed=0):
 
 
 def test_prompts_and_teacher_prompts(tiny_model_dir, records_file, tokenizer):
-    from ctxdistill.methods.sdft import prompt_ids
+    from ctxdistill.generation.sampling import prompt_ids
 
     method, examples = prepared(sdft_config(tiny_model_dir, records_file), tokenizer)
     chat, text = examples
@@ -225,7 +225,7 @@ def test_prompts_and_teacher_prompts(tiny_model_dir, records_file, tokenizer):
 
 
 def test_sequence_batch_aligns_predictions_with_completion_tokens():
-    from ctxdistill.methods.sdft import sequence_batch
+    from ctxdistill.generation.rollouts import sequence_batch
 
     batch = sequence_batch([((1, 2, 3), (7, 8), 0), ((4,), (9, 10, 11), 1)], 0, CPU)
     rows, cols = batch.keep.nonzero(as_tuple=True)
@@ -244,10 +244,10 @@ def test_method_loss_equals_trl_on_trls_batch_layout(tiny_model_dir, records_fil
     student, frozen = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer), seed=1)
     completions = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (" Anika Dros.", " It is in Brest, France.")]
     items = items_of(method, examples)
-    from ctxdistill.methods.sdft import Rollout
+    from ctxdistill.generation.rollouts import Rollout
 
     for item, completion in zip(items, completions):
-        method.pending_rollouts[item.key] = Rollout([tuple(completion)])
+        method.buffer.pending[item.key] = Rollout([tuple(completion)])
     ours = method.batch_loss(student, Teacher(model=frozen), items, CPU).loss.item()
 
     def trl_logits(model, prompts):
@@ -289,7 +289,7 @@ def test_a_rollout_does_not_depend_on_what_shares_its_batch(tiny_model_dir, reco
     """Each row has its own seeded stream: drawn together, alone, in another order or another process, an item's
     rollout is the same (so 2 processes == 1 process accumulating 2, and packing changes nothing)."""
     from conftest import tiny_llama
-    from ctxdistill.methods.sdft import sample_rows, sampled_tokens
+    from ctxdistill.generation.rollouts import sample_rows, sampled_tokens
 
     model, (first, second) = tiny_llama(len(tokenizer)), prepared(sdft_config(tiny_model_dir, records_file), tokenizer)[1]
     prompts, kwargs = [list(first.prompt_ids), list(second.prompt_ids)], dict(max_new_tokens=10, stop_ids=[2], pad_id=0, precision="fp32")
@@ -304,10 +304,10 @@ def test_a_rollout_does_not_depend_on_what_shares_its_batch(tiny_model_dir, reco
 
 
 def fixed_rollouts(method, items, completion):
-    from ctxdistill.methods.sdft import Rollout
+    from ctxdistill.generation.rollouts import Rollout
 
     for item in items:
-        method.pending_rollouts[item.key] = Rollout([tuple(completion)])
+        method.buffer.pending[item.key] = Rollout([tuple(completion)])
 
 
 def test_teacher_sees_the_privileged_context(tiny_model_dir, records_file, tokenizer):
@@ -611,3 +611,16 @@ def test_two_processes_equal_one_process_accumulating_two(tiny_model_dir, record
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     counts = [json.loads((tmp_path / p / "run.json").read_text())["counts"] for p in ("one", "two")]
     assert counts[0] == counts[1] and counts[0]["sdft_generated_sequences"] == 2, "no process draws another's rollouts"
+
+
+def test_sharded_engines_are_refused_in_one_line(tiny_model_dir, records_file):
+    from types import SimpleNamespace
+
+    from ctxdistill.training.distributed import check_engine_support
+
+    cfg = sdft_config(tiny_model_dir, records_file)
+    for mode in ("fsdp", "deepspeed"):
+        with pytest.raises(CtxDistillError, match=f"sharded training \\({mode}\\)") as info:
+            check_engine_support(cfg, SimpleNamespace(sharded=True, mode=mode))
+        assert "\n" not in str(info.value)
+    check_engine_support(cfg, SimpleNamespace(sharded=False, mode="data_parallel"))

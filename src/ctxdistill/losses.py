@@ -385,3 +385,15 @@ def chunked_token_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: to
     parts = [F.log_softmax((h @ head.T.to(h.dtype)).float() / temperature, dim=-1).gather(-1, y[:, None])[:, 0]
              for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size))]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def position_weights(lengths: list[int], skip: int, per_item: list[int], num_items: int) -> torch.Tensor:
+    """Weight of each loss position (the order of `SequenceBatch.keep`): 1 / (its rollout's loss tokens × the
+    item's rollouts × items), so the weighted sum is TRL's per-sequence mean, averaged over rollouts and items."""
+    weights, row = [], 0
+    for copies in per_item:
+        for _ in range(copies):
+            n = max(lengths[row] - skip, 0)
+            weights.append(torch.full((n,), 1.0 / (n * copies * num_items)) if n else torch.zeros(0))
+            row += 1
+    return torch.cat(weights) if weights else torch.zeros(0)

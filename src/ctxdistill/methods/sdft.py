@@ -6,14 +6,17 @@ the same network shown x plus a privileged context c (a demonstration, or the so
 y, and the student is trained to match the teacher on its own tokens. DiSC, by contrast, generates nothing
 and distils on the document's own tokens.
 
-Divergence. The paper minimises the REVERSE KL D_KL(π_θ(·|x) ‖ π(·|x,c)) per token over the full
-vocabulary, on the student's rollout (the hugocisneros.com note and its §3 "on-policy RL with implicit
-reward log π(y|x,c) − log π(y|x)"; the Tinker recipe describes a forward KL instead). TRL's SDFTTrainer
-exposes the whole generalized-JSD family through `distillation_alpha` (0 = forward KL(teacher ‖ student),
-1 = reverse KL(student ‖ teacher), between: β·KL(t‖m) + (1−β)·KL(s‖m), m = β·t + (1−β)·s) and defaults to
-0.5 on the student's top-100 tokens. ctxdistill defaults to the paper: `sdft_beta 1` (reverse KL), full
-vocabulary through the chunked LM-head path (`losses.chunked_head_sdft`, no [tokens, vocab] tensor);
-`--sdft-beta 0.5 --sdft-topk 100` is TRL's default objective.
+Divergence: per token over the full vocabulary, on the student's rollout, REVERSE KL(π_θ(·|x) ‖ π(·|x,c))
+by default (`sdft_beta 1`), through the chunked LM-head path (`losses.chunked_head_sdft`, no [tokens, vocab]
+tensor). What was checked (2026-12-02, the `search` tool): the paper's own equation could not be read, only
+its abstract (huggingface.co/papers/2601.19897.md), which names no direction. Secondary summaries say
+reverse KL (emergentmind.com/papers/2601.19897: "reverse KL divergence minimization"; howistudyai.com and
+paperium.net summaries likewise); the Tinker cookbook's SDFT recipe (tinker-docs.thinkingmachines.ai,
+cookbook/recipes/sdft) states KL(teacher ‖ student), i.e. forward. So "the paper = reverse KL" is the
+majority reading, not verified against the paper's text. TRL's SDFTTrainer exposes the generalized-JSD family
+through `distillation_alpha` (0 forward KL(teacher ‖ student), 1 reverse KL(student ‖ teacher), between
+β·KL(t‖m) + (1−β)·KL(s‖m), m = β·t + (1−β)·s) and defaults to 0.5 on the student's top-100 tokens:
+`--sdft-beta 0.5 --sdft-topk 100` (checked against trl 1.16.0's own functions in tests/test_sdft.py).
 
 Transcribed from TRL commit f2cd57710ae345ea6428ae95363267fcf38a3dc8 (2026-07-24; identical in trl 1.16.0):
 `trl/experimental/sdft/loss_utils.py` (compute_divergence, add_tail_bucket, the top-k support, the clipped
@@ -23,14 +26,10 @@ importance ratio) and `sdft_trainer.py` (`_compute_teacher_student_logits`: logi
 `DemonstrationTeacherContextBuilder`: the teacher prompt template, chat prompts keep their system turns and
 get the template in their last user turn). No T² factor (TRL has none).
 
-Teacher (`sdft_teacher`): `base` (TRL's default; the initial weights; the adapter-disabled model under
-LoRA), `ema` (TRL `teacher_update_rate` 0.05 every `teacher_sync_steps` 1; the Tinker recipe reports α 0.01
-for the paper; full FT: the loop's frozen copy moved towards the student; LoRA: a shadow adapter started at
-zero as TRL's PEFTAdapterEMACallback), `live` (the current student, no gradient).
-
-Teacher prompt (`sdft_teacher_template`): TRL's "{prompt}\\n\\n{privileged_context}". The paper's code uses
-"{prompt}\\n\\nThis is an example for a response to the question:\\n{privileged_context}\\n\\nNow answer with a
-response of your own, including the thinking process." (as transcribed in tinker-cookbook's sdft.py).
+Teacher (`sdft_teacher`, `teachers.SelfTeacher`): `base` (TRL's default), `ema` (TRL `teacher_update_rate`
+0.05 every `teacher_sync_steps` 1; the Tinker recipe reports α 0.01 for the paper) or `live`. Teacher prompt
+(`sdft_teacher_template`, inputs/prompts.py): TRL's "{prompt}\\n\\n{privileged_context}" by default; the
+paper code's template (as transcribed in tinker-cookbook's sdft.py) is `inputs.prompts.PAPER_TEMPLATE`.
 Text prompts are tokenised as text (as TRL); chat prompts through the tokenizer's chat template.
 
 Sampling (TRL's defaults): T 1.0, top-p 1, no top-k, 256 completion tokens; one completion per prompt per
@@ -40,39 +39,35 @@ Rollouts come from the student's current weights at the step that trains on them
 from its own generator, seeded by the item's seed from the data order (`plan`): a resumed run, another
 process count or another packing draws the same rollouts, and the training RNG is not touched.
 
-State through the method contract (methods/base.py): `after_step` moves the EMA teacher; `state_dict` /
-`load_state_dict` carry the EMA weights (method.safetensors) and the rollouts drawn but not trained on yet
-(per process, state.json `method_state`) across a resume; `LossOutput.seconds["rollouts"]` is the time spent
-drawing them (run.json `timings_s.rollouts`, a part of `train`), while counts stay deterministic. Sharded
-engines (FSDP/DeepSpeed ZeRO-3) would have to gather the weights for sampling (TRL's
-unwrap_model_for_generation); until then SDFT is for single-process and data-parallel runs.
+State (methods/base.py hooks): `after_step` moves the EMA; `state_dict` carries the EMA weights and the
+rollouts drawn but not trained on yet through a checkpoint; `LossOutput.seconds["rollouts"]` is the time
+spent drawing (run.json `timings_s.rollouts`, part of `train`); counts stay deterministic. FSDP/DeepSpeed
+are refused (training/distributed.py) until sampling gathers the weights (TRL's unwrap_model_for_generation).
 """
 
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..errors import CtxDistillError
-from ..losses import chunked_head_sdft, chunked_token_logprobs, clipped_importance_ratio, sdft_per_position
+from ..generation.rollouts import Rollout, RolloutBuffer, RolloutWindow, completion_logprobs, sample_rows, sequence_batch
+from ..generation.sampling import prompt_ids
+from ..inputs.prompts import TRL_TEMPLATE, PromptRecord, read_record, teacher_prompt
+from ..losses import chunked_head_sdft, clipped_importance_ratio, position_weights, sdft_per_position
 from ..options import opt, positive_finite, require
+from ..teachers import SelfTeacher
 from .base import LossOutput, Method, PrepareContext, PreparedCorpus, register
 
 RECORDS_FORMAT = ("records {prompt, privileged_context} (prompt: text or chat messages; privileged_context: text or messages), "
                   "or {prompt, document_id} with --sdft-documents; example bundled:sdft_example")
 DOCUMENTS_FORMAT = "documents (JSONL field `text`): the initial model writes questions about each one, the document is the privileged context"
 INPUT_FORMAT = f"{RECORDS_FORMAT}; or {DOCUMENTS_FORMAT}"
-TRL_TEMPLATE = "{prompt}\n\n{privileged_context}"
-PAPER_TEMPLATE = ("{prompt}\n\nThis is an example for a response to the question:\n{privileged_context}\n\n"
-                  "Now answer with a response of your own, including the thinking process.")
 QUESTION_PROMPT = ("Write one question that a reader can answer after reading the article below. Reply with the question only.\n\n"
                    "{document}")
-PLACEHOLDER = re.compile(r"\{(prompt|privileged_context)\}")
 
 
 @dataclass
@@ -129,68 +124,6 @@ class SdftConfig:
             raise CtxDistillError("sdft_add_tail needs sdft_topk > 0 (the tail is the mass outside the top-k)")
 
 
-# -- input --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SdftRecord:
-    """One validated input: the student's prompt (text or chat messages) and the teacher's privileged context."""
-
-    id: str
-    prompt: Any
-    privileged_context: str
-
-
-def message_text(content) -> str:
-    if isinstance(content, list):  # multimodal-style parts: keep the text ones (as TRL)
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
-    return str(content)
-
-
-def context_text(context) -> str:
-    """A privileged context as text: a string, or chat messages whose contents are joined by newlines (as TRL)."""
-    if isinstance(context, str):
-        return context
-    if isinstance(context, list) and all(isinstance(m, dict) for m in context):
-        return "\n".join(t for t in (message_text(m.get("content", "")) for m in context) if t)
-    raise CtxDistillError(f"privileged_context must be text or a list of chat messages, got {type(context).__name__}")
-
-
-def check_prompt(where: str, prompt) -> None:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise CtxDistillError(f"{where}: field 'prompt' is empty")
-        return
-    if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)):
-        raise CtxDistillError(f"{where}: field 'prompt' must be text or a non-empty list of chat messages {{role, content}}")
-    if prompt[-1]["role"] != "user":
-        raise CtxDistillError(f"{where}: a chat prompt must end with a user turn (the teacher's context is added to it), "
-                              f"got role {prompt[-1]['role']!r}")
-
-
-def fill_template(template: str, prompt: str, context: str) -> str:
-    """The template with {prompt} and {privileged_context} replaced in one pass (other braces stay as they are)."""
-    values = {"prompt": prompt, "privileged_context": context}
-    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def teacher_prompt(prompt, context: str, template: str):
-    """TRL's composition: a text prompt becomes the filled template; a chat prompt keeps its earlier turns and
-    its last user turn becomes the filled template."""
-    if isinstance(prompt, list):
-        return prompt[:-1] + [{"role": "user", "content": fill_template(template, message_text(prompt[-1]["content"]), context)}]
-    return fill_template(template, prompt, context)
-
-
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """Chat messages through the chat template (with the generation prompt); text as text (TRL)."""
-    from ..generation.sampling import chat_ids
-
-    if isinstance(prompt, list):
-        return chat_ids(tokenizer, prompt)
-    return list(tokenizer(prompt)["input_ids"])
-
-
 @dataclass(frozen=True)
 class SdftExample:
     """A prompt tokenised for the student, the teacher and generation, and its longest allowed rollout."""
@@ -200,15 +133,6 @@ class SdftExample:
     teacher_prompt_ids: tuple[int, ...]
     generation_prompt_ids: tuple[int, ...]
     max_completion: int
-
-
-@dataclass(eq=False)
-class RolloutWindow:
-    """The items of `sdft_generate_every` consecutive steps: their rollouts are drawn together, once."""
-
-    items: list = field(default_factory=list)
-    rollouts: dict = field(default_factory=dict)  # item key -> Rollout, removed once trained on
-    drawn: set = field(default_factory=set)  # keys of the items whose rollouts were drawn (or restored)
 
 
 @dataclass(frozen=True)
@@ -236,12 +160,6 @@ class SdftItem:
         return len(self.example.teacher_prompt_ids) + self.example.max_completion
 
 
-@dataclass
-class Rollout:
-    completions: list[tuple[int, ...]]  # the end-of-turn token kept when the rollout stopped (as TRL)
-    old_logprobs: list[torch.Tensor] | None = None  # per completion token, at drawing time (for the IS correction)
-
-
 # -- the method -----------------------------------------------------------------------------------------
 
 
@@ -255,9 +173,9 @@ class Sdft(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.stop_ids: list[int] = []
-        self.ema_shadow: dict[str, torch.Tensor] | None = None  # LoRA + ema: the shadow adapter
-        self.pending_rollouts: dict = {}  # restored from a checkpoint, used before drawing anew
-        self.open_windows: dict[int, RolloutWindow] = {}  # windows holding rollouts not trained on yet
+        c = self.config
+        self.teacher_kind = SelfTeacher(c.sdft_teacher, cfg.student == "lora", c.sdft_ema_rate, c.sdft_teacher_sync_steps)
+        self.buffer = RolloutBuffer()  # rollouts drawn but not trained on yet (sdft_generate_every > 1)
         self.rollout_seconds = 0.0  # spent drawing rollouts in the current loss call
         self._planning_rng = None
         self._position = 0
@@ -308,38 +226,15 @@ class Sdft(Method):
             if raw is None:
                 report.skip("non-UTF-8", where)
                 continue
-            records.append(self.check_record(where, raw, documents))
+            records.append(read_record(where, raw, documents, id_field=cfg.id_field, method="sdft", expected=RECORDS_FORMAT,
+                                       documents_flag="--sdft-documents", documents_path=c.sdft_documents))
         report.kept = len(records)
         if not records:
             raise CtxDistillError(f"no records in {cfg.corpus}; sdft expects {RECORDS_FORMAT}")
         self.check_lengths(records)
         return records, report
 
-    def check_record(self, where: str, raw: dict, documents: dict[str, str]) -> SdftRecord:
-        fields = ", ".join(raw) or "none"
-        if "prompt" not in raw:
-            raise CtxDistillError(f"{where}: sdft needs field 'prompt' in every record, but it is missing (fields present: {fields}); "
-                                  f"expected {RECORDS_FORMAT}")
-        check_prompt(where, raw["prompt"])
-        if raw.get("privileged_context") is not None:
-            try:
-                context = context_text(raw["privileged_context"])
-            except CtxDistillError as exc:
-                raise CtxDistillError(f"{where}: {exc}") from None
-        elif raw.get("document_id") is not None:
-            if not documents:
-                raise CtxDistillError(f"{where}: the record names document_id {raw['document_id']!r}; pass the documents with --sdft-documents")
-            if str(raw["document_id"]) not in documents:
-                raise CtxDistillError(f"{where}: document_id {raw['document_id']!r} is not in --sdft-documents {self.config.sdft_documents}")
-            context = documents[str(raw["document_id"])]
-        else:
-            raise CtxDistillError(f"{where}: sdft needs field 'privileged_context' (or 'document_id' with --sdft-documents) in every "
-                                  f"record, but it is missing (fields present: {fields}); expected {RECORDS_FORMAT}")
-        if not context.strip():
-            raise CtxDistillError(f"{where}: field 'privileged_context' is empty; the teacher needs something the student does not see")
-        return SdftRecord(str(raw.get(self.cfg.id_field, where)), raw["prompt"], context)
-
-    def check_lengths(self, records: list[SdftRecord]) -> None:
+    def check_lengths(self, records: list[PromptRecord]) -> None:
         """Every student and teacher prompt must leave room for at least one completion token within max_length."""
         tokenizer, limit = self.tokenizer(), self.cfg.max_length
         for record in records:
@@ -357,7 +252,7 @@ class Sdft(Method):
         self.pad_id = ctx.pad_id
         self.stop_ids = stop_token_ids(ctx.tokenizer)
         generation, skipped = {}, {}
-        if records and not isinstance(records[0], SdftRecord):  # documents: ask the initial model for questions
+        if records and not isinstance(records[0], PromptRecord):  # documents: ask the initial model for questions
             records, generation, skipped = self.questions_for_documents(records, ctx)
         examples = []
         for record in records:
@@ -368,7 +263,7 @@ class Sdft(Method):
                 examples.append(example)
         return PreparedCorpus(examples, skipped, generation)
 
-    def example(self, record: SdftRecord, tokenizer) -> SdftExample | None:
+    def example(self, record: PromptRecord, tokenizer) -> SdftExample | None:
         c = self.config
         student = tuple(prompt_ids(tokenizer, record.prompt))
         teacher = tuple(prompt_ids(tokenizer, teacher_prompt(record.prompt, record.privileged_context, c.sdft_teacher_template)))
@@ -410,7 +305,7 @@ class Sdft(Method):
             if question and (doc.id, question) not in seen:
                 seen.add((doc.id, question))
                 rid = f"{doc.id}-q{j % c.sdft_questions_per_document}"
-                records.append(SdftRecord(rid, [{"role": "user", "content": question}], doc.text))
+                records.append(PromptRecord(rid, [{"role": "user", "content": question}], doc.text))
                 rows.append({"id": rid, "document_id": doc.id, "question": question, "tokens": len(out.tokens), "finished": out.stopped})
         asked = {doc_id for doc_id, _ in seen}
         no_question = [doc.id for doc in documents if doc.id not in asked]
@@ -444,23 +339,9 @@ class Sdft(Method):
     def rollouts(self, student, items: list[SdftItem], device) -> tuple[list[Rollout], dict]:
         """The items' rollouts: drawn now from the student's current weights for every item of their windows
         that has none yet (one batched, KV-cached generation), or taken from the buffer."""
-        todo: list[SdftItem] = []
-        for item in items:
-            for other in self.my_items(item.window) + [item]:
-                # earlier items of the window were trained on already (items come in epoch order; a resumed run starts mid-window)
-                if other.position < item.position or other.key in other.window.drawn and other is not item or other in todo:
-                    continue
-                if other.key in self.pending_rollouts:
-                    other.window.rollouts[other.key] = self.pending_rollouts.pop(other.key)
-                    other.window.drawn.add(other.key)
-                elif other.key not in other.window.rollouts:
-                    todo.append(other)
-        counts = {}
-        if todo:
-            counts = self.draw(student, todo, device)
-        taken = [item.window.rollouts.pop(item.key) for item in items]
-        self.open_windows = {k: w for k, w in self.open_windows.items() if w.rollouts}
-        return taken, counts
+        todo = self.buffer.missing(items, self.my_items)
+        counts = self.draw(student, todo, device) if todo else {}
+        return self.buffer.take(items), counts
 
     @torch.no_grad()
     def draw(self, student, items: list[SdftItem], device) -> dict:
@@ -486,25 +367,15 @@ class Sdft(Method):
                 completions.append(tuple((tokens + ([stop] if stop is not None else []))[: item.example.max_completion]))
             reused = c.sdft_generate_every > 1 and c.sdft_is_clip > 0 and not c.sdft_generate_from_teacher  # TRL: none from the teacher prompt
             old = self.rollout_logprobs(student, item, completions, device) if reused else None
-            item.window.rollouts[item.key] = Rollout(completions, old)
-            item.window.drawn.add(item.key)
-            self.open_windows[id(item.window)] = item.window
+            self.buffer.put(item, Rollout(completions, old))
         self.rollout_seconds = seconds
         return {"sdft_generated_sequences": len(rows), "sdft_generated_tokens": sum(len(t) for t, _ in drawn.values()),
                 "sdft_stopped_sequences": sum(stop is not None for _, stop in drawn.values())}
 
     def rollout_logprobs(self, student, item: SdftItem, completions, device) -> list[torch.Tensor]:
         """log π(y_t) of each drawn token under the weights that drew it (TRL's old_per_token_logps)."""
-        from ..models import final_hidden_states, plain_lm_head
-
         batch = sequence_batch([(item.example.prompt_ids, comp, 0) for comp in completions], self.pad_id, device)
-        if not plain_lm_head(student):
-            logits = student(input_ids=batch.input_ids, attention_mask=batch.attention, use_cache=False).logits[batch.keep]
-            logp = torch.log_softmax(logits.float() / self.config.sdft_temperature, -1).gather(-1, batch.targets[:, None])[:, 0]
-        else:
-            hidden = final_hidden_states(student, input_ids=batch.input_ids, attention_mask=batch.attention, use_cache=False)[batch.keep]
-            logp = chunked_token_logprobs(hidden, student.get_output_embeddings().weight, batch.targets, self.config.sdft_temperature,
-                                          self.cfg.kl_chunk_size)
+        logp = completion_logprobs(student, batch, self.config.sdft_temperature, self.cfg.kl_chunk_size)
         return list(logp.split([len(comp) for comp in completions]))
 
     # -- loss -----------------------------------------------------------------------------------------
@@ -529,7 +400,7 @@ class Sdft(Method):
         olds = [old[skip:] for _, _, old in rows if old is not None]
         old_logprobs = torch.cat(olds).to(device) if olds and len(olds) == len(rows) else None
         loss_tokens = int(student_batch.keep.sum())
-        view = TeacherView(self, student, teacher)
+        view = self.teacher_kind.view(student, teacher)
         with view:
             if plain_lm_head(student):
                 teacher_hidden = view.hidden_states(input_ids=teacher_batch.input_ids, attention_mask=teacher_batch.attention)[teacher_batch.keep]
@@ -562,245 +433,16 @@ class Sdft(Method):
 
     # -- teacher state --------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def after_step(self, student, teacher, step: int) -> None:
-        """The EMA teacher's update after optimizer step `step` (TRL: on_step_end when global_step % sync == 0)."""
-        c = self.config
-        if c.sdft_teacher != "ema" or step % c.sdft_teacher_sync_steps:
-            return
-        rate = c.sdft_ema_rate
-        if self.cfg.student == "lora":
-            shadow = self.shadow(student)
-            for name, param in lora_weights(student).items():
-                shadow[name].mul_(1 - rate).add_(param.detach().to(shadow[name].dtype), alpha=rate)
-            return
-        target = dict(teacher.model.named_parameters())
-        for name, param in student.named_parameters():
-            name = plain_name(name)
-            target[name].mul_(1 - rate).add_(param.detach().to(target[name].dtype), alpha=rate)
-
-    def shadow(self, student) -> dict[str, torch.Tensor]:
-        """LoRA + ema: the shadow adapter, started at zero (TRL's PEFTAdapterEMACallback)."""
-        if self.ema_shadow is None:
-            self.ema_shadow = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in lora_weights(student).items()}
-        return self.ema_shadow
+        """The EMA teacher's update after optimizer step `step` (every `sdft_teacher_sync_steps`)."""
+        self.teacher_kind.update(student, teacher, step)
 
     def state_dict(self, teacher=None) -> dict:
         """What a checkpoint must hold for an exact resume: {"tensors": the EMA weights (full FT: the teacher;
         LoRA: the shadow adapter; the same on every process), "json": this process's rollouts drawn but not
         trained on yet (sdft_generate_every > 1)}."""
-        rollouts = {f"{k[0]}\t{k[1]}": {"completions": [list(t) for t in r.completions],
-                                        "old_logprobs": [o.tolist() for o in r.old_logprobs] if r.old_logprobs else None}
-                    for w in self.open_windows.values() for k, r in w.rollouts.items()}
-        tensors = {}
-        if self.config.sdft_teacher == "ema":
-            # parameters, not state_dict(): tied weights appear once (safetensors refuses shared storage)
-            source = (self.ema_shadow or {}) if self.cfg.student == "lora" else (dict(teacher.model.named_parameters()) if teacher else {})
-            tensors = {k: v.detach().cpu().clone() for k, v in source.items()}
-        return {"tensors": tensors, "json": {"rollouts": rollouts}}
+        return {"tensors": self.teacher_kind.state_tensors(teacher), "json": {"rollouts": self.buffer.state()}}
 
     def load_state_dict(self, state: dict, teacher=None) -> None:
-        for key, value in state.get("json", {}).get("rollouts", {}).items():
-            doc_id, seed = key.rsplit("\t", 1)
-            olds = value.get("old_logprobs")
-            self.pending_rollouts[(doc_id, int(seed))] = Rollout([tuple(t) for t in value["completions"]],
-                                                                 [torch.tensor(o) for o in olds] if olds else None)
-        ema = state.get("tensors")
-        if not ema or self.config.sdft_teacher != "ema":
-            return
-        if self.cfg.student == "lora":
-            self.ema_shadow = {k: v.float().clone() for k, v in ema.items()}
-        else:
-            with torch.no_grad():
-                for name, param in teacher.model.named_parameters():
-                    param.copy_(ema[name])
-
-
-# -- rollouts: per-row seeded sampling ------------------------------------------------------------------
-
-
-def sampled_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """One token per row of [B, V] logits from softmax(logits / T), restricted to the top-k and to the smallest
-    set of mass >= top_p, by inverse CDF at the row's uniform draw in [0, 1)."""
-    probs, order = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
-    if top_k > 0:
-        probs[:, top_k:] = 0
-    if top_p < 1:
-        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
-    cdf = probs.cumsum(-1)
-    picked = torch.searchsorted(cdf, (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True)
-    return order.gather(-1, picked.clamp(max=logits.shape[-1] - 1))[:, 0]
-
-
-def cache_argument(model) -> str:
-    """The forward argument that takes the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-@torch.no_grad()
-def sample_rows(model, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int, stop_ids, pad_id: int,
-                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, precision: str = "bf16") -> list[tuple[list[int], int | None]]:
-    """(tokens before the stop token, the stop token or None) per prompt: one left-padded batch with a KV cache,
-    row i drawing from its own generator seeded with `seeds[i]` (one uniform per row and step), so a row's
-    rollout is the same whatever else shares the batch, and the run's RNG is untouched."""
-    from transformers import DynamicCache
-
-    from ..generation.sampling import cut_at_stop, left_pad
-    from ..runtime import autocast
-    from .mixsd import positions_from_mask
-
-    device = next(model.parameters()).device
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    cache = {cache_argument(model): DynamicCache(config=model.config)}  # filled in place step by step
-    stop = torch.tensor(sorted(set(stop_ids)), device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(device, precision):
-            ids, mask = left_pad(prompts, pad_id, device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1,
-                           **cache).logits[:, -1]
-            position = mask.sum(-1)
-            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-            tokens = []
-            for _ in range(max_new_tokens):
-                uniforms = torch.stack([torch.rand((), generator=g) for g in generators])
-                chosen = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long),
-                                     sampled_tokens(logits, uniforms, temperature, top_p, top_k))
-                tokens.append(chosen)
-                done |= torch.isin(chosen, stop)
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True, **cache).logits[:, -1]
-                position = position + 1
-    finally:
-        model.train(was_training)
-    rows = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in prompts]
-    return [cut_at_stop(row, set(stop_ids)) for row in rows]
-
-
-# -- batches and the teacher view ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SequenceBatch:
-    """Right-padded prompt + completion rows; `keep` marks the positions whose predictions are distilled (the
-    completion tokens from `skip` on), `targets` the tokens they predict, in row-major order."""
-
-    input_ids: torch.Tensor
-    attention: torch.Tensor
-    keep: torch.Tensor
-    targets: torch.Tensor
-
-
-def sequence_batch(rows, pad_id: int, device) -> SequenceBatch:
-    """`rows` of (prompt ids, completion ids, tokens to skip); position len(prompt) - 1 + j predicts completion token j."""
-    longest = max(len(p) + len(c) for p, c, _ in rows)
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), longest), dtype=torch.long)
-    keep = torch.zeros((len(rows), longest), dtype=torch.bool)
-    targets = []
-    for r, (prompt, completion, skip) in enumerate(rows):
-        sequence = list(prompt) + list(completion)
-        input_ids[r, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention[r, : len(sequence)] = 1
-        keep[r, len(prompt) - 1 + skip : len(sequence) - 1] = True
-        targets.extend(completion[skip:])
-    return SequenceBatch(input_ids.to(device), attention.to(device), keep.to(device), torch.tensor(targets, dtype=torch.long).to(device))
-
-
-def position_weights(lengths: list[int], skip: int, per_item: list[int], num_items: int) -> torch.Tensor:
-    """Weight of each loss position (the order of `SequenceBatch.keep`): 1 / (its rollout's loss tokens × the
-    item's rollouts × items), so the weighted sum is TRL's per-sequence mean, averaged over rollouts and items."""
-    weights, row = [], 0
-    for copies in per_item:
-        for _ in range(copies):
-            n = max(lengths[row] - skip, 0)
-            weights.append(torch.full((n,), 1.0 / (n * copies * num_items)) if n else torch.zeros(0))
-            row += 1
-    return torch.cat(weights) if weights else torch.zeros(0)
-
-
-def trainable(model) -> dict[str, torch.nn.Parameter]:
-    return {plain_name(n): p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def lora_weights(model) -> dict[str, torch.nn.Parameter]:
-    """The trainable LoRA matrices: what the ema teacher's shadow adapter averages (TRL: pure LoRA only)."""
-    weights = trainable(model)
-    others = [n for n in weights if "lora_" not in n]
-    if others:
-        raise CtxDistillError(f"sdft_teacher ema under LoRA averages the adapter only, but {others[0]} also trains; use full fine-tuning")
-    return weights
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name without the wrappers' prefixes (torch.compile, DDP)."""
-    for prefix in ("_orig_mod.", "module."):
-        name = name.replace(prefix, "")
-    return name
-
-
-class TeacherView:
-    """The teacher of this run as one interface: `view(...)`, `view.hidden_states(...)`, `view.head_weight`,
-    all without gradient. base: the loop's teacher; live: the student; ema: the loop's frozen copy (full FT)
-    or the student with the shadow adapter swapped in for the duration of the `with` block (LoRA)."""
-
-    def __init__(self, method: Sdft, student, teacher):
-        self.kind = method.config.sdft_teacher
-        self.lora_ema = self.kind == "ema" and method.cfg.student == "lora"
-        self.method, self.student, self.teacher = method, student, teacher
-        if self.kind != "live" and not self.lora_ema and teacher is None:
-            raise CtxDistillError(f"sdft_teacher {self.kind} needs the teacher the loop builds when needs_teacher() is true")
-        self.saved: dict[str, torch.Tensor] = {}
-
-    def __enter__(self):
-        if self.lora_ema:  # swapped before the student's forward, restored after the teacher's: autograd never sees it
-            shadow = self.method.shadow(self.student)
-            with torch.no_grad():
-                for name, param in lora_weights(self.student).items():
-                    self.saved[name] = param.detach().clone()
-                    param.data.copy_(shadow[name].to(param.dtype))
-        return self
-
-    def restore(self) -> None:
-        if self.saved:
-            with torch.no_grad():
-                for name, param in lora_weights(self.student).items():
-                    param.data.copy_(self.saved[name])
-            self.saved = {}
-
-    def __exit__(self, *exc):
-        self.restore()
-
-    def _student_as_teacher(self, run):
-        was_training = self.student.training
-        self.student.eval()  # no dropout in the teacher's pass (TRL disables dropout)
-        try:
-            with torch.no_grad():
-                return run(self.student)
-        finally:
-            self.student.train(was_training)
-            self.restore()  # LoRA + ema: the student's own weights are back before its forward
-
-    def __call__(self, **kwargs):
-        if self.kind == "live" or self.lora_ema:
-            return self._student_as_teacher(lambda m: m(use_cache=False, **kwargs))
-        return self.teacher(use_cache=False, **kwargs)
-
-    def hidden_states(self, **kwargs) -> torch.Tensor:
-        from ..models import final_hidden_states
-
-        if self.kind == "live" or self.lora_ema:
-            return self._student_as_teacher(lambda m: final_hidden_states(m, use_cache=False, **kwargs))
-        return self.teacher.hidden_states(use_cache=False, **kwargs)
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        if self.kind == "live" or self.lora_ema:
-            return self.student.get_output_embeddings().weight.detach()
-        return self.teacher.head_weight
+        self.buffer.restore(state.get("json", {}).get("rollouts", {}))
+        self.teacher_kind.load_tensors(state.get("tensors") or {}, teacher)
