@@ -624,3 +624,44 @@ def test_sharded_engines_are_refused_in_one_line(tiny_model_dir, records_file):
             check_engine_support(cfg, SimpleNamespace(sharded=True, mode=mode))
         assert "\n" not in str(info.value)
     check_engine_support(cfg, SimpleNamespace(sharded=False, mode="data_parallel"))
+
+
+# -- the demo's optional method -------------------------------------------------------------------------------
+
+
+def test_demo_also_sdft_builds_the_extra_run(tmp_path, monkeypatch):
+    import ctxdistill.experiments.demo as demo
+
+    trained = []
+    monkeypatch.setattr(demo, "load_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(demo, "greedy_responses", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "save_responses", lambda *a, **k: None)
+    score = {"accuracy": 0.5, "stderr": 0.1, "n": 2, "mean_gold_logprob": -1.0}
+    monkeypatch.setattr(demo, "evaluate_model", lambda *a, **k: {"knowledge": score, "general": score, "chat_kl": 0.0})
+
+    def train_then_evaluate(run_cfg, evaluate, log=print):
+        trained.append(run_cfg)
+        return {"name": run_cfg.method, "train_s": 1.0, "knowledge": score, "general": score, "chat_kl": 0.0}
+
+    monkeypatch.setattr(demo, "train_then_evaluate", train_then_evaluate)
+    demo.run_demo(demo.DemoConfig(out=str(tmp_path / "demo"), also="sdft", sdft_lr=2e-5), log=quiet)
+    assert [c.method for c in trained] == ["ft", "disc", "sdft"]
+    sdft = trained[-1]
+    assert (sdft.lr, sdft.epochs, sdft.sdft.sdft_questions_per_document, sdft.sdft.sdft_max_completion_tokens) == (2e-5, 1, 2, 64)
+    assert sdft.out == str(tmp_path / "demo" / "sdft") and sdft.corpus == "bundled:news_updates"
+    trained.clear()
+    (tmp_path / "demo" / "sdft").mkdir()  # what a real --also sdft run leaves: part of an earlier demo, replaced
+    demo.run_demo(demo.DemoConfig(out=str(tmp_path / "demo")), log=quiet)
+    assert [c.method for c in trained] == ["ft", "disc"] and not (tmp_path / "demo" / "sdft").exists()  # not in the default demo
+
+
+def test_demo_unknown_extra_method_is_one_line(tmp_path, monkeypatch, capsys):
+    import ctxdistill.experiments.demo as demo
+    from ctxdistill import cli
+
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    code = cli.main(["demo", "--also", "sdft,rephrase", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--also 'rephrase' is not an optional demo method" in err[0]
+    assert not (tmp_path / "demo").exists()
