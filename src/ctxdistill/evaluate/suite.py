@@ -388,7 +388,11 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
                                allow_pickle_weights=cfg.allow_pickle_weights).to(device)
     elif cfg.reference == cfg.model:  # the model against itself: drift and per-token KL are 0 by definition
         cfg = replace(cfg, reference="", corpus="")
-    return evaluate_model(model, tokenizer, cfg, reference_model=reference, log=log)
+    report = evaluate_model(model, tokenizer, cfg, reference_model=reference, log=log)
+    from ..model_card import add_evaluation
+
+    add_evaluation(cfg.model, report)  # a ctxdistill model directory's card gains the results table
+    return report
 
 
 def summary_table(report: dict) -> str:

@@ -51,6 +51,11 @@ def load_evals(runs_dir: Path) -> tuple[dict | None, list[dict]]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise CtxDistillError(f"{path} is not valid JSON ({exc.msg}); delete it and re-run the evaluation") from None
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise CtxDistillError(f"{path} is not a readable eval.json ({type(exc).__name__}); delete it and re-run the evaluation") from None
+        if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+            what = "has no `metrics` mapping" if isinstance(data, dict) else f"holds a {type(data).__name__}, not an evaluation"
+            raise CtxDistillError(f"{path} {what}; it was not written by `ctxdistill eval`: remove it from {runs_dir} or re-run the evaluation")
         data["_path"] = str(path)
         if data.get("role") == "baseline" and (baseline is None or path.parent.name == "baseline"):
             baseline = data

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import CtxDistillError
+from .hub import is_dataset_spec, read_dataset
 
 DATASETS_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".tsv": "csv", ".arrow": "arrow"}
 
@@ -128,6 +129,8 @@ def read_text(path: Path) -> bytes:
 
 def load_records(spec: str) -> list[tuple[str, dict | None]]:
     """Raw records of any supported corpus format, with a location string for error messages."""
+    if is_dataset_spec(spec):  # hf:OWNER/NAME[:CONFIG][@SPLIT] and save_to_disk directories, streamed (inputs/hub.py)
+        return read_dataset(spec)
     path = resolve_path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())

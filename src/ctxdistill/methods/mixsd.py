@@ -13,7 +13,8 @@ only. The acceptance rate and the share of naive tokens are logged and written t
 targets to OUT/generations.jsonl.
 
 The authors' training recipe (lr 1e-5, AdamW betas (0.9, 0.95), grad-clip 1.0, global batch 16) maps to
-`--lr 1e-5 --beta2 0.95 --grad-clip 1.0 --docs-per-step 16`; their 20-step warm-up is not in the shared loop.
+`--lr 1e-5 --beta2 0.95 --grad-clip 1.0 --docs-per-step 16 --lr-scheduler constant_with_warmup --warmup-steps 20`
+(their 20-step warm-up, then constant).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ from ..runtime import autocast, launched_world_size, set_threads, versions
 from ..teachers import Teacher, build_teacher
 from . import checkpoint as ckpt
 from . import distributed as dist
+from .extensions import DriftBudgetExceeded, Extensions, preflight
+from .packing import forward_units
 from .outputs import LossLog, open_output, run_summary, save_final, write_summary
 from .resume import TrainState, check_compatible, load_trainable, plan_fingerprint, restore_random_state, restore_state
 from .signals import StopSignals
@@ -115,12 +117,14 @@ class Trainer:
             self.say(f"corpus: {line}")
         # the model source exists before --out is touched
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        preflight(cfg, self.tokenizer)  # trackers installed, the teacher's vocabulary, a possible upload
         self.run_dir, self.resume_from = open_output(cfg, self.rt)
         self.out_dir = self.run_dir.path if self.run_dir else None
         self.state = TrainState()
         self.signals: StopSignals | None = None
         self.stop_requested = False
         self.losses: LossLog | None = None
+        self.extras: Extensions | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -157,6 +161,7 @@ class Trainer:
         self.trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
         # the teacher first: a teacher cache is checked against the INITIAL weights, before a checkpoint replaces them
         teacher = build_teacher(cfg, student, device, prepared.examples) if method.needs_teacher() else None
+        self.extras = Extensions(self, student)  # before a checkpoint's weights: the check's reference is the initial model
         if resumed is not None:
             self.state = restore_state(resumed, self.fingerprints, self.resume_from)
             load_trainable(student, resumed.trainable, self.trainable_names, self.resume_from)
@@ -185,6 +190,7 @@ class Trainer:
         self.last_saved = self.state.step if self.out_dir else None
         self.losses = LossLog(self.out_dir if rt.is_main else None, self.state.step if resumed is not None else None)
         self.resumed = resumed
+        self.extras.start(resumed)  # the LR schedule (restored), the trackers
 
     # -- the steps --------------------------------------------------------------------------------
 
@@ -206,12 +212,16 @@ class Trainer:
                         if step_index <= state.step:  # done before the checkpoint this run resumed from
                             continue
                         record = self.step(items[first : first + cfg.docs_per_step], epoch)
+                        self.extras.on_step(record)  # lr, schedule, the check when due, trackers
                         elapsed = time.perf_counter() - self.train_started
                         bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.4f}", tok_s=f"{state.counts['student_tokens'] / max(elapsed, 1e-9):.0f}")
                         bar.update(1)
-                        if state.step % cfg.log_every == 0:
+                        if state.step % cfg.log_every == 0 or "eval_chat_kl" in record:
                             self.losses.write(record | {"elapsed_s": round(elapsed, 3)})
+                        self.extras.check_budget()
                         self.after_step()
+        except DriftBudgetExceeded:
+            pass  # the run ends here; finish() saves the last checkpoint under the budget
         finally:
             bar.close()
             self.losses.close()
@@ -224,29 +234,6 @@ class Trainer:
         if self.rt.sharded:
             slots += [None] * (math.ceil(self.cfg.docs_per_step / self.rt.world) - len(slots))
         return slots
-
-    def forward_units(self, group: list, slots: list[int | None]) -> list[list[int | None]]:
-        """This process's slots, packed into forward passes of at most `batch_tokens` tokens.
-
-        Only methods with a batched loss are packed, under document normalisation on data-parallel or
-        single-process runs; documents are sorted by length first so batches carry little padding.
-        Everything else runs one item per forward pass.
-        """
-        cfg = self.cfg
-        if (cfg.batch_tokens <= 0 or not self.method.batched or cfg.loss_normalization == "token"
-                or (cfg.uses("disc") and cfg.disc.teacher_mode == "per_split") or self.rt.sharded or None in slots):
-            return [[slot] for slot in slots]
-        size = lambda slot: group[slot].teacher_tokens + group[slot].student_tokens
-        units: list[list[int | None]] = []
-        used = 0
-        for slot in sorted(slots, key=size):
-            if units and used + size(slot) <= cfg.batch_tokens:
-                units[-1].append(slot)
-                used += size(slot)
-            else:
-                units.append([slot])
-                used = size(slot)
-        return units
 
     def step(self, group: list, epoch: int) -> dict:
         """One optimizer step over the global batch `group`: forward/backward of this process's share,
@@ -266,7 +253,7 @@ class Trainer:
         if rt.mode == "deepspeed":
             engine_scale *= len(slots)  # DeepSpeed also divides by its accumulation steps
         token_mode = cfg.loss_normalization == "token"
-        for unit in self.forward_units(group, slots):  # this process's share of the global batch
+        for unit in forward_units(cfg, self.method, rt, group, slots):  # this process's share of the global batch
             out = self.loss_step(group, unit, engine_scale, token_mode)
             if unit[0] is None:
                 continue
@@ -387,7 +374,7 @@ class Trainer:
                 raise TrainingInterrupted(self.signals.received, f"interrupted at step {self.state.step}; no --out, nothing saved")
             return
         every = self.cfg.checkpoint_every
-        if self.stop_requested or (every and self.state.step % every == 0):
+        if self.stop_requested or (every and self.state.step % every == 0) or self.extras.checkpoint_now:
             path = self.checkpoint()
             if self.stop_requested:
                 raise TrainingInterrupted(self.signals.received, f"stopped by {self.signals.name()} after step {self.state.step}; "
@@ -408,7 +395,7 @@ class Trainer:
                     "counts": state.counts, "nonfinite_skipped": state.skipped, "seconds": state.seconds, "rng": rngs,
                     "world_size": rt.world, "mode": rt.mode, "config": self.cfg.flat(), "fingerprints": self.fingerprints,
                     "versions": versions(), "method_state": method_json,
-                }, self.cfg.keep_checkpoints, method_state["tensors"])
+                } | self.extras.checkpoint_state(), self.cfg.keep_checkpoints, method_state["tensors"])
             except CtxDistillError as exc:
                 error = exc
         rt.raise_if_any(error, "write a checkpoint")
@@ -429,11 +416,13 @@ class Trainer:
         """The model, run.json and the result; the main process writes, every process takes part."""
         cfg, rt = self.cfg, self.rt
         summary = run_summary(self)
+        self.extras.finish(summary)  # the checks; after a stop at the drift budget, the kept weights back in
         if self.out_dir:
             if cfg.save_model:
                 save_started = time.perf_counter()
                 summary["saved"] = save_final(cfg, rt, self.student, self.unwrapped, self.tokenizer, self.out_dir, build_student)
                 summary["timings_s"]["save"] = round(time.perf_counter() - save_started, 3)
+                self.extras.after_save(summary)  # model cards, --push-to-hub
             if rt.is_main:
                 write_summary(self.out_dir, summary)
             rt.barrier()
@@ -443,6 +432,8 @@ class Trainer:
         """Release OUT (removed again when this run created it and wrote nothing) and accelerate's memory."""
         if self.losses is not None:
             self.losses.close()
+        if self.extras is not None:
+            self.extras.close()
         if self.run_dir is not None and self.rt.is_main:
             self.run_dir.release(remove_if_empty=failed)
         self.rt.accelerator.free_memory()

@@ -24,7 +24,7 @@ from ..files import LOCK_NAME, OutputLock, check_writable_location, confined, da
 from .checkpoint import CHECKPOINTS, list_checkpoints, remove_stale_temporaries
 
 # Files and directories only a run writes into OUT: a directory holding nothing else is a run's.
-RUN_FILES = ("losses.jsonl", "generations.jsonl", "replay_responses.jsonl", LOCK_NAME)
+RUN_FILES = ("losses.jsonl", "generations.jsonl", "replay_responses.jsonl", LOCK_NAME, "tensorboard", "wandb")  # + tracker logs
 TEMPORARY_PREFIXES = (".model.tmp", ".merged.tmp", ".losses.jsonl.tmp", ".run.json.tmp", ".generations.jsonl.tmp",
                       ".replay_responses.jsonl.tmp")
 

@@ -26,6 +26,9 @@ from .checkpoint import Checkpoint
 RESUME_MAY_CHANGE = frozenset({
     "out", "overwrite", "resume", "save_model", "merge_lora", "log_every", "checkpoint_every", "keep_checkpoints",
     "max_steps", "epochs", "on_nonfinite", "device", "gen_batch_size", "gen_cache", "corpus", "allow_pickle_weights", "threads",
+    # watching the run (trackers, the check during training, where the model goes) does not steer it
+    "report_to", "tracker_project", "eval_every", "eval_prompts", "eval_max_new_tokens", "eval_probes", "eval_probe_limit",
+    "stop_at_drift", "push_to_hub",
 })
 
 

@@ -1,0 +1,26 @@
+"""Which of a step's items share a forward pass (moved out of loop.py; the rule is unchanged)."""
+
+from __future__ import annotations
+
+
+def forward_units(cfg, method, rt, group: list, slots: list[int | None]) -> list[list[int | None]]:
+    """This process's slots, packed into forward passes of at most `batch_tokens` tokens.
+
+    Only methods with a batched loss are packed, under document normalisation on data-parallel or
+    single-process runs; documents are sorted by length first so batches carry little padding.
+    Everything else runs one item per forward pass.
+    """
+    if (cfg.batch_tokens <= 0 or not method.batched or cfg.loss_normalization == "token"
+            or (cfg.uses("disc") and cfg.disc.teacher_mode == "per_split") or rt.sharded or None in slots):
+        return [[slot] for slot in slots]
+    size = lambda slot: group[slot].teacher_tokens + group[slot].student_tokens
+    units: list[list[int | None]] = []
+    used = 0
+    for slot in sorted(slots, key=size):
+        if units and used + size(slot) <= cfg.batch_tokens:
+            units[-1].append(slot)
+            used += size(slot)
+        else:
+            units.append([slot])
+            used = size(slot)
+    return units
