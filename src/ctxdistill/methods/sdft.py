@@ -41,7 +41,7 @@ process count or another packing draws the same rollouts, and the training RNG i
 
 State (methods/base.py hooks): `after_step` moves the EMA; `state_dict` carries the EMA weights and the
 rollouts drawn but not trained on yet through a checkpoint; `LossOutput.seconds["rollouts"]` is the time
-spent drawing (run.json `timings_s.rollouts`, part of `train`); counts stay deterministic. FSDP/DeepSpeed
+spent drawing (run.json `timings_s.rollouts`, summed over resumes); counts stay deterministic. FSDP/DeepSpeed
 are refused (training/distributed.py) until sampling gathers the weights (TRL's unwrap_model_for_generation).
 """
 
