@@ -17,7 +17,12 @@ Variants beyond the four above: `disc_all_sentences` (DiSC with `--split-strateg
 sentence but the first is a suffix), `ft_compile` and `disc_compile` (`--compile`); `ft_packed`, `ft_padded`,
 `disc_packed`, `disc_padded` (`--docs-per-step` documents per optimizer step in one pass, `--packing on` / `off`;
 the warm-up is rounded up to whole steps); `authors` and `authors_bf16`: the authors' per-document step rebuilt
-outside ctxdistill's loop (per-split backward, plain foreach AdamW; benchmarks/authors_disc.py), fp32 / bf16.
+outside ctxdistill's loop (per-split backward, plain foreach AdamW; benchmarks/authors_disc.py), fp32 / bf16; and `sdft` (on-policy
+self-distillation: one question per document generated before training, then every step draws a rollout of
+up to `--sdft-completion-tokens` from the student and distils the document-conditioned teacher on it; its
+result adds the share of the timed steps spent generating). DiSC, FT and SDFT side by side:
+
+    python benchmarks/bench_throughput.py --variants ft,disc,sdft --docs 6 --out benchmarks/results/throughput_sdft_cpu.json
 
     python benchmarks/bench_throughput.py --threads 1 --variants ft_padded,ft_packed --docs 16 --docs-per-step 8 \
         --out benchmarks/results/packing_ft_cpu.json
@@ -37,7 +42,7 @@ from common import (SHAPES, minimal_tokenizer, parse_range, peak_memory_mb, rand
                     synthetic_documents, write_result)
 
 VARIANTS = ("ft", "disc_reference", "disc", "disc_cache", "disc_all_sentences", "ft_compile", "disc_compile",
-            "ft_packed", "ft_padded", "disc_packed", "disc_padded", "authors", "authors_bf16")
+            "ft_packed", "ft_padded", "disc_packed", "disc_padded", "authors", "authors_bf16", "sdft")
 BATCHED = ("ft_packed", "ft_padded", "disc_packed", "disc_padded")  # --docs-per-step documents per step, --packing on / off
 DEFAULT_VARIANTS = ("ft", "disc_reference", "disc", "disc_cache")
 
@@ -138,6 +143,11 @@ def child(args) -> dict:
         cfg = TrainConfig.create(method="disc", teacher_mode="per_split", out=str(work / "ref"), **base)
     elif args.variant == "disc":
         cfg = TrainConfig.create(method="disc", out=str(work / "disc"), **base)
+    elif args.variant == "sdft":
+        if args.synthetic_docs:
+            raise SystemExit("sdft generates questions and rollouts as text; not available with --synthetic-docs")
+        cfg = TrainConfig.create(method="sdft", out=str(work / "sdft"), sdft_questions_per_document=1,
+                                 sdft_max_completion_tokens=args.sdft_completion_tokens, gen_cache=False, **base)
     else:
         cache_dir = work / "cache"
         manifest = cache_teacher(TrainConfig.create(method="disc", **base), str(cache_dir), k=args.k, progress=False, log=lambda *_: None)
@@ -170,6 +180,11 @@ def child(args) -> dict:
                "student_tokens_per_s": tokens / seconds, "student_tokens": tokens,
                "teacher_tokens_per_s": summary["counts"]["teacher_tokens"] * len(timed) / len(steps) / seconds,
                "peak_memory_mb": round(peak_memory_mb(device), 1), "memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS"}
+    if args.variant == "sdft":  # on-policy rollouts are drawn inside the steps: how much of the step time they take
+        generating = sum(s.get("generation_s", s.get("metrics", {}).get("generation_s", 0.0)) for s in timed)
+        result |= {"generation_s": round(generating, 3), "generation_share": generating / seconds, "training_share": 1 - generating / seconds,
+                   "rollout_tokens_mean": sum(s.get("completion_tokens", s.get("metrics", {}).get("completion_tokens", 0.0)) for s in timed) / len(timed),
+                   "question_generation": summary.get("generation", {})}
     return result
 
 
@@ -289,6 +304,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--split-strategy", default="sentence_boundary")
+    parser.add_argument("--sdft-completion-tokens", type=int, default=128, help="sdft variant: longest rollout per step")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--synthetic-docs", action="store_true", help="documents of random token ids instead of the bundled articles")
     parser.add_argument("--doc-tokens", default="512-2048", help="with --synthetic-docs: document length range")
@@ -323,7 +339,7 @@ def main() -> None:
         model = random_init_model(args.random_init, work / "model", args.synthetic_docs) if args.random_init else args.model
         corpus = subset_corpus(args.docs + max(args.warmup, args.docs_per_step), work / "corpus.jsonl")
         common = ["--model", model, "--corpus", corpus, "--docs", str(args.docs), "--warmup", str(args.warmup), "--epochs", "1",
-                  "--k", str(args.k), "--device", args.device, "--work", str(work), "--split-strategy", args.split_strategy,
+                  "--k", str(args.k), "--device", args.device, "--sdft-completion-tokens", str(args.sdft_completion_tokens), "--work", str(work), "--split-strategy", args.split_strategy,
                   "--doc-tokens", args.doc_tokens, "--sentence-tokens", args.sentence_tokens,
                   "--docs-per-step", str(args.docs_per_step), "--threads", str(args.threads)] + (["--synthetic-docs"] if args.synthetic_docs else []) \
             + (["--sdpa-backends", args.sdpa_backends] if args.sdpa_backends else [])
@@ -361,6 +377,9 @@ def compute_ratios(results: dict) -> dict:
         for v in ("disc", "disc_packed", "disc_padded", "disc_reference"):
             if v in ok and reference in ok:
                 ratios[f"{v}_vs_{reference}_documents_per_s"] = ok[v]["documents_per_s"] / ok[reference]["documents_per_s"]
+    for v in ("ft", "disc"):
+        if v in ok and "sdft" in ok:
+            ratios[f"sdft_vs_{v}_documents_per_s"] = ok["sdft"]["documents_per_s"] / ok[v]["documents_per_s"]
     for plain, compiled in (("ft", "ft_compile"), ("disc", "disc_compile")):
         if plain in ok and compiled in ok:
             ratios[f"{compiled}_vs_{plain}_documents_per_s"] = ok[compiled]["documents_per_s"] / ok[plain]["documents_per_s"]

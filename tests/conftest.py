@@ -67,3 +67,29 @@ def short_preset(monkeypatch):
 
     small = {k: (4 if k.endswith("tokens") else v) for k, v in suite.PRESETS["quick"].items()} | {"doc_max_length": 64}
     monkeypatch.setitem(suite.PRESETS, "quick", small)
+
+
+EXTRA = [
+    "Orla Vane opened a bakery in Tulm. The bakery sells rye bread. Orla Vane bakes 300 loaves a day. Tulm residents queue at dawn.",
+    "The Kestrel ferry now sails to Brindle Isle. The ferry leaves at 7 a.m. daily. Tickets cost 12 crowns. The crossing takes 40 minutes.",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus4(tmp_path_factory):
+    """Four news-style documents of different lengths (NEWS + EXTRA), for resume and multi-process runs."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus4.jsonl"
+    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(NEWS + EXTRA)), encoding="utf-8")
+    return path
+
+
+def quiet(*args, **kwargs) -> None:
+    """A `log` that prints nothing."""
+
+
+def cli_args(values: dict, out) -> list[str]:
+    """`ctxdistill train` arguments for flat TrainConfig options."""
+    args = ["train", "--out", str(out), "--quiet"]
+    for key, value in values.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from ctxdistill.config import TrainConfig
-from ctxdistill.losses import forward_kl_per_position
 from ctxdistill.methods import PrepareContext
 from ctxdistill.methods.disc import Disc, DiscItem, per_split_teacher_logits, single_pass_teacher_logits
 from ctxdistill.teachers import Teacher
-from ctxdistill.inputs.segment import SegmentedDoc, choose_spans, segment_document
+from ctxdistill.inputs.segment import choose_spans, segment_document
 
 from conftest import NEWS
 

@@ -7,7 +7,6 @@ runs agree bit for bit: each item's gradient is weighted by the global batch bef
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,35 +19,17 @@ from safetensors.torch import load_file
 from ctxdistill.config import TrainConfig
 from ctxdistill.training import train
 
-from conftest import NEWS
+from conftest import cli_args, quiet
 
-EXTRA = [
-    "Orla Vane opened a bakery in Tulm. The bakery sells rye bread. Orla Vane bakes 300 loaves a day. Tulm residents queue at dawn.",
-    "The Kestrel ferry now sails to Brindle Isle. The ferry leaves at 7 a.m. daily. Tickets cost 12 crowns. The crossing takes 40 minutes.",
-]
 RTOL, ATOL = 1e-5, 1e-6
 BIN = Path(sys.executable).parent
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
-
-
-@pytest.fixture(scope="module")
-def corpus4(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus4.jsonl"
-    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(NEWS + EXTRA)), encoding="utf-8")
-    return path
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cli_args(values: dict, out) -> list[str]:
-    args = ["train", "--out", str(out), "--quiet"]
-    for key, value in values.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
 
 
 def launch(launcher: list[str], values: dict, out):
@@ -82,10 +63,6 @@ def assert_same_training(one, two):
     return runs
 
 
-def quiet(*args, **kwargs):
-    pass
-
-
 def test_torchrun_two_processes_equal_one_process_accumulating_two(tiny_model_dir, corpus4, tmp_path):
     values = dict(method="disc", model=str(tiny_model_dir), corpus=str(corpus4), device="cpu", precision="fp32", teacher_dtype="fp32",
                   lr=1e-3, seed=0, docs_per_step=2, epochs=1, checkpoint_every=0)
@@ -116,7 +93,6 @@ def test_accelerate_launch_lora_token_normalisation_uneven_batches_and_checkpoin
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2, "every process's RNG state is in the checkpoint"
     assert state["rng"][0]["torch"] != state["rng"][1]["torch"], "processes draw dropout masks from their own streams"
-    assert runs[1]["processes"] == {"world_size": 2, "mode": "data_parallel"}
 
 
 def test_token_normalisation_weights_items_by_their_share_of_the_global_tokens(tiny_model_dir, corpus4, tmp_path):

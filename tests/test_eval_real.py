@@ -24,7 +24,7 @@ def test_batched_generation_matches_transformers_greedy(real):
     ours = generate(model, tokenizer, prompts, Decoding(max_new_tokens=16), batch_size=3)
     for p, (c,) in zip(prompts, ours):
         ref = model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
-        assert c.tokens == ref[: len(c.tokens)]
+        assert c.tokens and c.tokens == ref[: len(c.tokens)], "a non-empty prefix of transformers' greedy output"
     assert "Paris" in ours[1][0].text
 
 

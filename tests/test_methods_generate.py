@@ -62,10 +62,11 @@ def test_sampling_is_reproducible_under_a_seed_and_stops_on_stop_tokens(model):
     assert stopped.stop_token == first and stopped.tokens == a[0].tokens[: a[0].tokens.index(first)]
 
 
-def test_stop_tokens_include_the_chat_end_of_turn(tokenizer):
+def test_stop_tokens_are_exactly_the_end_of_turn_and_end_of_sequence_tokens(tokenizer):
     vocab = tokenizer.get_vocab()
-    assert vocab["<|im_end|>"] in stop_token_ids(tokenizer)
-    assert tokenizer.unk_token_id not in stop_token_ids(tokenizer) or tokenizer.unk_token_id == vocab.get("<|endoftext|>")
+    expected = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id}  # SmolLM2's two enders
+    assert set(stop_token_ids(tokenizer)) == expected
+    assert vocab["<|im_start|>"] not in stop_token_ids(tokenizer), "a turn's start never ends a generation"
 
 
 NAIVE = [[101, 202, 303], [404, 505, 606, 707, 808]]

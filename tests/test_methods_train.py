@@ -1,6 +1,7 @@
 """Every method through the shared loop on the tiny model: inputs, schedules, errors, run.json."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -99,8 +100,11 @@ def test_method_trains_the_tiny_model_and_records_its_run(name, tiny_model_dir, 
     result = train(cfg, progress=False, log=lambda *a: None)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["method"] == name and run["counts"]["steps"] == 2 and run["counts"]["student_tokens"] > 0
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(loss >= 0 for loss in losses)
+    records = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses) and losses[0] != losses[1], "two different steps"
+    metrics = {"ft_kl": {"ce", "kl"}, "talr": {"tau"}, "icl_distill": {"ce", "kl"}}.get(name, set())
+    assert all(metrics <= set(r) for r in records), "a method's LossOutput.metrics are logged with each step"
     expected_student = "lora" if name in ("lora", "icl_distill") else "full"
     assert run["config"]["student"] == expected_student
     trained = result.model.state_dict()
@@ -114,8 +118,8 @@ def test_method_trains_the_tiny_model_and_records_its_run(name, tiny_model_dir, 
         assert run["generation"]["sequences"] > 0 and run["timings_s"]["generate"] > 0
         rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
         assert rows and all("id" in r for r in rows)
-    if name == "mixsd":
-        assert run["generation"]["acceptance_rate"] == 1.0 and 0 <= run["generation"]["naive_token_share"] <= 1
+    if name == "mixsd":  # every target accepted (patched above); both conditionals contributed tokens
+        assert 0 < run["generation"]["naive_token_share"] < 1
 
 
 WRONG_SHAPE = [

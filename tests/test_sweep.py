@@ -59,6 +59,8 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(ctxdistill.training, "train", no_training)
+    status = run_sweep(cfg, **quiet)
+    assert set(status["runs"].values()) == {"skipped (finished earlier)"}
     (out / "runs" / "ft_lr0.001_s7" / "eval.json").unlink()  # ...except one whose evaluation is missing
     calls = []
     monkeypatch.setattr(ctxdistill.training, "train", lambda cfg, **kw: calls.append(cfg.out) or (_ for _ in ()).throw(RuntimeError("stop")))
@@ -69,7 +71,7 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
 
 def test_a_later_shard_trains_before_it_waits_for_the_baseline(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
     """Shard 0 evaluates the initial model; shard 1 uses that time to train, and waits only before evaluating."""
-    import ctxdistill.experiments.sweep as sweep
+    import ctxdistill.experiments.runner as runner
     import ctxdistill.training
 
     events = []
@@ -87,7 +89,7 @@ def test_a_later_shard_trains_before_it_waits_for_the_baseline(tmp_path, tiny_mo
         raise Stop
 
     monkeypatch.setattr(ctxdistill.training, "train", train)
-    monkeypatch.setattr(sweep, "wait_for", wait_for)
+    monkeypatch.setattr(runner, "wait_for", wait_for)
     cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, shard="1/2")))
     with pytest.raises(Stop):
         run_sweep(cfg, log=lambda *_: None, progress=False)

@@ -134,3 +134,20 @@ def test_teacher_model_loads_another_frozen_model_and_lora_refuses_it(tmp_path, 
     assert not torch.allclose(swapped(input_ids=ids).logits, student(input_ids=ids).logits)
     with pytest.raises(CtxDistillError, match="full fine-tuning only"):
         build_teacher(TrainConfig.create(model=str(tiny_model_dir), teacher_model=str(other), student="lora", method="lora"), student, torch.device("cpu"))
+
+
+def test_compile_reaches_the_decoder_the_chunked_path_calls(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """`--compile` wraps the decoder's forward (what DiSC's chunked LM-head path calls), not only model.forward."""
+    from ctxdistill.training.loop import build_student
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    student = build_student(config(tiny_model_dir, corpus_file, tmp_path, compile=True).validate(), torch.device("cpu"))
+    assert len(compiled) == 1 and compiled[0].__self__ is student.get_decoder()
+
+
+def test_threads_sets_torch_threads_for_the_run(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    train(config(tiny_model_dir, corpus_file, tmp_path / "run", threads=1, max_steps=1), progress=False, log=lambda *a: None)
+    assert seen == [1]

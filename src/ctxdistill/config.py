@@ -26,6 +26,7 @@ from .methods.icl_distill import IclDistillConfig
 from .methods.mixsd import MixSDConfig
 from .methods.rephrase import RephraseConfig
 from .methods.replay import ReplayConfig
+from .methods.sdft import SdftConfig
 from .methods.talr import TalrConfig
 from .options import check_choices, coerce, opt, positive_finite, require
 
@@ -139,6 +140,7 @@ class TrainConfig:
     cd_base: CdBaseConfig = section(CdBaseConfig)
     icl_distill: IclDistillConfig = section(IclDistillConfig)
     mixsd: MixSDConfig = section(MixSDConfig)
+    sdft: SdftConfig = section(SdftConfig)
 
     # -- flat <-> sections --------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -158,21 +160,8 @@ def chunked_head_kl(
     at most `chunk_size` x V logits exist at once instead of N x V: memory stays flat in document
     length and the gradient equals the dense computation.
     """
-    from torch.utils.checkpoint import checkpoint
-
-    def chunk_loss(h_s, h_t, w):
-        t_logits = h_t @ teacher_head.T.to(h_t.dtype)
-        s_logits = h_s @ student_head.T.to(h_s.dtype)
-        return (forward_kl_per_position(t_logits, s_logits, temperature) * w).sum()
-
-    if student_hidden.shape[0] <= chunk_size:  # one chunk: nothing to save by recomputing
-        return chunk_loss(student_hidden, teacher_hidden.detach(), weights)
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for first in range(0, student_hidden.shape[0], chunk_size):
-        part = slice(first, first + chunk_size)
-        args = (student_hidden[part], teacher_hidden[part].detach(), weights[part])
-        total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args))
-    return total
+    return chunked_head_kl_ce(student_hidden, student_head, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                              kl_weights=weights, temperature=temperature, chunk_size=chunk_size)[0]
 
 
 def chunked_head_kl_ce(
@@ -218,15 +207,6 @@ def chunked_head_kl_ce(
         kl, ce = checkpoint(chunk_loss, *args, use_reentrant=False) if several else chunk_loss(*args)
         kl_total, ce_total = kl_total + kl, ce_total + ce
     return kl_total, ce_total
-
-
-@torch.no_grad()
-def chunked_target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(hidden @ head.T)[target] per row, fp32, `chunk_size` rows at a time; no gradient (TALR's weights)."""
-    chunk_size = chunk_size or max(hidden.shape[0], 1)
-    parts = [F.log_softmax((h @ head.T.to(h.dtype)).float(), dim=-1).gather(-1, t[:, None])[:, 0]
-             for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))]
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def topk_tail_kl_per_position(
@@ -317,3 +297,140 @@ def replay_loss(
         kl = forward_kl_per_position(teacher_logits[:, :-1][keep], student_logits[:, :-1][keep], temperature).mean()
         loss = loss + kl_weight * kl if ce_weight else kl_weight * kl
     return loss
+
+
+# -- SDFT (on-policy self-distillation): TRL's divergence family -------------------------------------
+
+
+def generalized_jsd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0,
+                                 temperature: float = 1.0) -> torch.Tensor:
+    """TRL's SDFT/GKD divergence at each position, summed over the vocabulary (no T² factor, as TRL).
+
+    beta = 0: forward KL(teacher ‖ student); beta = 1: reverse KL(student ‖ teacher); in between the
+    generalized JSD  beta·KL(teacher ‖ m) + (1 − beta)·KL(student ‖ m)  with m = beta·teacher + (1 − beta)·student
+    (TRL's `distillation_alpha`, GKD's `beta`). Logits [..., V] are divided by `temperature`; result [...] in fp32.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return jsd_from_logprobs(s, t, beta)
+
+
+def jsd_from_logprobs(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """`generalized_jsd_per_position` on log-probabilities (of any support, e.g. top-k plus a tail bucket)."""
+    if beta == 0:
+        return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    if beta == 1:
+        return F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
+    log_m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+    to_teacher = F.kl_div(log_m, t, log_target=True, reduction="none").sum(-1)
+    to_student = F.kl_div(log_m, s, log_target=True, reduction="none").sum(-1)
+    return beta * to_teacher + (1 - beta) * to_student
+
+
+def with_tail_bucket(logprobs: torch.Tensor) -> torch.Tensor:
+    """Top-k log-probabilities [..., k] plus one bucket holding the rest of the mass: [..., k + 1], summing to 1."""
+    captured = torch.logsumexp(logprobs, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logprobs, torch.log(-torch.expm1(captured))], dim=-1)
+
+
+def topk_jsd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, beta: float = 1.0,
+                          temperature: float = 1.0, add_tail: bool = False) -> torch.Tensor:
+    """`generalized_jsd_per_position` on the STUDENT's top-k tokens (TRL's `topk_logits` mode): the teacher is
+    read at the same ids; the k entries are renormalised, or (`add_tail`) completed by one tail bucket each."""
+    s_all = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_all = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    ids = s_all.topk(min(k, s_all.shape[-1]), dim=-1).indices  # the order of logits and log-probs is the same
+    s, t = s_all.gather(-1, ids), t_all.gather(-1, ids)
+    if add_tail:
+        s, t = with_tail_bucket(s), with_tail_bucket(t)
+    else:
+        s, t = s - torch.logsumexp(s, -1, keepdim=True), t - torch.logsumexp(t, -1, keepdim=True)
+    return jsd_from_logprobs(s, t, beta)
+
+
+def sdft_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0, temperature: float = 1.0,
+                      topk: int = 0, add_tail: bool = False) -> torch.Tensor:
+    """SDFT's per-position divergence: full vocabulary (`topk` 0) or the student's top-k support."""
+    if topk > 0:
+        return topk_jsd_per_position(student_logits, teacher_logits, topk, beta, temperature, add_tail)
+    return generalized_jsd_per_position(student_logits, teacher_logits, beta, temperature)
+
+
+def clipped_importance_ratio(student_logits: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor,
+                             clip: float, temperature: float = 1.0) -> torch.Tensor:
+    """TRL's correction for reused rollouts: min(π_now(y)/π_then(y), clip) per position, without gradient."""
+    now = F.log_softmax(student_logits.detach().float() / temperature, dim=-1).gather(-1, targets[..., None])[..., 0]
+    return torch.exp((now - old_logprobs.float()).clamp(-20.0, 20.0)).clamp(max=clip)
+
+
+def sdft_sequence_loss(per_position: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """TRL's SDFT reduction: per sequence the mean over its loss tokens (0 when it has none), then the mean over
+    sequences. `per_position` and `loss_mask` are [B, C] over the completions."""
+    mask = loss_mask.to(per_position.dtype)
+    return ((per_position * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
+
+
+def chunked_head_sdft(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_head: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    topk: int = 0,
+    add_tail: bool = False,
+    chunk_size: int = 1024,
+    targets: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    is_clip: float = 0.0,
+) -> torch.Tensor:
+    """Σ_i weights[i] · `sdft_per_position` at row i, from [N, H] hidden states and [V, H] LM heads, `chunk_size`
+    rows at a time with activation checkpointing (as `chunked_head_kl`): no [N, V] tensor, the same gradient.
+
+    With `old_logprobs` (and `targets`, the sampled tokens) each row is scaled by `clipped_importance_ratio`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h_s, h_t, w, y, old):
+        s_logits = h_s @ student_head.T.to(h_s.dtype)
+        t_logits = h_t @ teacher_head.T.to(h_t.dtype)
+        per_position = sdft_per_position(s_logits, t_logits, beta, temperature, topk, add_tail)
+        if old is not None and is_clip > 0:
+            per_position = per_position * clipped_importance_ratio(s_logits, y, old, is_clip, temperature)
+        return (per_position * w).sum()
+
+    rows = student_hidden.shape[0]
+    chunk_size = chunk_size or max(rows, 1)
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for first in range(0, max(rows, 1), chunk_size):
+        part = slice(first, first + chunk_size)
+        args = (student_hidden[part], teacher_hidden[part].detach(), weights[part],
+                None if targets is None else targets[part], None if old_logprobs is None else old_logprobs[part])
+        if rows > chunk_size and torch.is_grad_enabled():
+            total = total + checkpoint(chunk_loss, *args, use_reentrant=False)
+        else:
+            total = total + chunk_loss(*args)
+    return total
+
+
+@torch.no_grad()
+def chunked_token_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                           chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(hidden @ head.T / T)[target] per row ([N, H], [V, H], [N] -> [N] fp32), `chunk_size` rows at a time."""
+    chunk_size = chunk_size or max(hidden.shape[0], 1)
+    parts = [F.log_softmax((h @ head.T.to(h.dtype)).float() / temperature, dim=-1).gather(-1, y[:, None])[:, 0]
+             for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size))]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def position_weights(lengths: list[int], skip: int, per_item: list[int], num_items: int) -> torch.Tensor:
+    """Weight of each loss position (the order of `SequenceBatch.keep`): 1 / (its rollout's loss tokens × the
+    item's rollouts × items), so the weighted sum is TRL's per-sequence mean, averaged over rollouts and items."""
+    weights, row = [], 0
+    for copies in per_item:
+        for _ in range(copies):
+            n = max(lengths[row] - skip, 0)
+            weights.append(torch.full((n,), 1.0 / (n * copies * num_items)) if n else torch.zeros(0))
+            row += 1
+    return torch.cat(weights) if weights else torch.zeros(0)

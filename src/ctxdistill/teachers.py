@@ -8,6 +8,9 @@ Three kinds, all used the same way by the methods:
 A live teacher runs forward passes (`teacher(...)`, `teacher.hidden_states(...)`, `teacher.head_weight`);
 the cache answers `teacher.cached(doc_id, positions)` instead. Methods ask `teacher.live`, never the
 teacher's type.
+
+`SelfTeacher` is the teacher of self-distillation (SDFT): the loop's teacher (`base`), an EMA of the
+student (`ema`) or the student itself (`live`), behind the same calls (`SelfTeacher.view`).
 """
 
 from __future__ import annotations
@@ -138,9 +141,7 @@ def check_teacher_tokenizer(cfg, student_tokenizer) -> None:
                               f"distillation needs the same tokenizer: choose a teacher from the student's model family")
     widths = []
     for name in (cfg.model, cfg.teacher_model):
-        source, gguf_file = resolve_model(name)
-        if gguf_file is not None:
-            return  # a GGUF carries its config inside; the tokenizers already agree
+        source = resolve_model(name)  # aliases and GGUF files: their dequantized directory, which has a config
         widths.append(getattr(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code), "vocab_size", None))
     if None not in widths and widths[0] != widths[1]:
         raise CtxDistillError(f"--teacher-model {cfg.teacher_model} predicts over {widths[1]} token ids, --model {cfg.model} over {widths[0]} "
@@ -185,3 +186,139 @@ def cache_teacher(cfg, out_dir: str, k: int = 64, progress: bool = True, log=pri
     log(f"cache-teacher: {len(examples)} documents, {manifest['positions']} positions, "
         f"{manifest['bytes'] / max(manifest['positions'], 1):.0f} bytes/position, {manifest['build_seconds']:.1f} s -> {destination}")
     return manifest
+
+
+# -- teachers made from the student itself (SDFT) ---------------------------------------------------------
+
+
+class SelfTeacher:
+    """The teacher of a self-distillation run, of one of three kinds: `base` (the loop's teacher: the initial
+    weights, the adapter-disabled model under LoRA), `ema` (a moving average of the student, updated every
+    `sync_steps` optimizer steps: teacher <- (1 - rate) * teacher + rate * student; full fine-tuning moves the
+    loop's frozen copy, LoRA a shadow adapter started at zero, as TRL's PEFTAdapterEMACallback), `live` (the
+    current student, without gradient). `view(student, teacher)` runs it; `state_tensors` / `load_tensors`
+    carry the EMA through a checkpoint."""
+
+    def __init__(self, kind: str, lora: bool, rate: float = 0.05, sync_steps: int = 1):
+        self.kind, self.lora, self.rate, self.sync_steps = kind, lora, rate, sync_steps
+        self.shadow: dict[str, torch.Tensor] | None = None  # LoRA + ema: the shadow adapter (fp32)
+
+    def shadow_of(self, student) -> dict[str, torch.Tensor]:
+        if self.shadow is None:
+            self.shadow = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in lora_weights(student).items()}
+        return self.shadow
+
+    @torch.no_grad()
+    def update(self, student, teacher, step: int) -> None:
+        """After optimizer step `step` (TRL: on_step_end when global_step % teacher_sync_steps == 0)."""
+        if self.kind != "ema" or step % self.sync_steps:
+            return
+        if self.lora:
+            shadow = self.shadow_of(student)
+            for name, param in lora_weights(student).items():
+                shadow[name].mul_(1 - self.rate).add_(param.detach().to(shadow[name].dtype), alpha=self.rate)
+            return
+        target = dict(teacher.model.named_parameters())
+        for name, param in student.named_parameters():
+            name = plain_name(name)
+            target[name].mul_(1 - self.rate).add_(param.detach().to(target[name].dtype), alpha=self.rate)
+
+    def state_tensors(self, teacher) -> dict[str, torch.Tensor]:
+        """The EMA weights (the same on every process): LoRA the shadow adapter, full FT the teacher's parameters
+        (parameters, not state_dict(): tied weights appear once, safetensors refuses shared storage)."""
+        if self.kind != "ema":
+            return {}
+        source = (self.shadow or {}) if self.lora else (dict(teacher.model.named_parameters()) if teacher is not None else {})
+        return {k: v.detach().cpu().clone() for k, v in source.items()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor], teacher) -> None:
+        if not tensors or self.kind != "ema":
+            return
+        if self.lora:
+            self.shadow = {k: v.float().clone() for k, v in tensors.items()}
+            return
+        for name, param in teacher.model.named_parameters():
+            param.copy_(tensors[name])
+
+    def view(self, student, teacher) -> TeacherView:
+        return TeacherView(self, student, teacher)
+
+
+def trainable_weights(model) -> dict[str, torch.nn.Parameter]:
+    return {plain_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_weights(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA matrices: what the ema teacher's shadow adapter averages (TRL: pure LoRA only)."""
+    weights = trainable_weights(model)
+    others = [n for n in weights if "lora_" not in n]
+    if others:
+        raise CtxDistillError(f"sdft_teacher ema under LoRA averages the adapter only, but {others[0]} also trains; use full fine-tuning")
+    return weights
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes (torch.compile, DDP)."""
+    for prefix in ("_orig_mod.", "module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+class TeacherView:
+    """The teacher of this run as one interface: `view(...)`, `view.hidden_states(...)`, `view.head_weight`,
+    all without gradient. base: the loop's teacher; live: the student; ema: the loop's frozen copy (full FT)
+    or the student with the shadow adapter swapped in for the duration of the `with` block (LoRA)."""
+
+    def __init__(self, owner: SelfTeacher, student, teacher):
+        self.kind = owner.kind
+        self.lora_ema = self.kind == "ema" and owner.lora
+        self.owner, self.student, self.teacher = owner, student, teacher
+        if self.kind != "live" and not self.lora_ema and teacher is None:
+            raise CtxDistillError(f"a {self.kind} teacher needs the teacher the loop builds when needs_teacher() is true")
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        if self.lora_ema:  # swapped before the student's forward, restored after the teacher's: autograd never sees it
+            shadow = self.owner.shadow_of(self.student)
+            with torch.no_grad():
+                for name, param in lora_weights(self.student).items():
+                    self.saved[name] = param.detach().clone()
+                    param.data.copy_(shadow[name].to(param.dtype))
+        return self
+
+    def restore(self) -> None:
+        if self.saved:
+            with torch.no_grad():
+                for name, param in lora_weights(self.student).items():
+                    param.data.copy_(self.saved[name])
+            self.saved = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+
+    def _student_as_teacher(self, run):
+        was_training = self.student.training
+        self.student.eval()  # no dropout in the teacher's pass (TRL disables dropout)
+        try:
+            with torch.no_grad():
+                return run(self.student)
+        finally:
+            self.student.train(was_training)
+            self.restore()  # LoRA + ema: the student's own weights are back before its forward
+
+    def __call__(self, **kwargs):
+        if self.kind == "live" or self.lora_ema:
+            return self._student_as_teacher(lambda m: m(use_cache=False, **kwargs))
+        return self.teacher(use_cache=False, **kwargs)
+
+    def hidden_states(self, **kwargs) -> torch.Tensor:
+        if self.kind == "live" or self.lora_ema:
+            return self._student_as_teacher(lambda m: final_hidden_states(m, use_cache=False, **kwargs))
+        return self.teacher.hidden_states(use_cache=False, **kwargs)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        if self.kind == "live" or self.lora_ema:
+            return self.student.get_output_embeddings().weight.detach()
+        return self.teacher.head_weight

@@ -3,6 +3,7 @@
 Scores the knowledge probes (about the corpus), general probes (unrelated knowledge) and the chat
 drift KL before and after each method, and prints one table. The learning rates and epochs were
 picked by the sweep described in the README (both methods must visibly learn on 2 CPU cores).
+`--also sdft` trains the optional methods after them (not in the default demo: SDFT generates).
 """
 
 from __future__ import annotations
@@ -25,19 +26,24 @@ from ..options import opt
 from ..runtime import autocast, set_threads
 from .runner import train_then_evaluate
 
-DEMO_FILES = {"demo.json", "demo.md", "reference_responses.jsonl", "ft", "disc", LOCK_NAME}
+DEMO_FILES = {"demo.json", "demo.md", "reference_responses.jsonl", "ft", "disc", "sdft", LOCK_NAME}
+OPTIONAL_METHODS = ("sdft",)  # trained after FT and DiSC with --also
+LABELS = {"ft": "FT", "disc": "DiSC", "sdft": "SDFT"}
 
 
 @dataclass
 class DemoConfig:
     model: str = opt(DEFAULT_MODEL, "model to update (alias, directory, .gguf or HF id)")
-    out: str = opt("runs/demo", "output directory (demo.json, demo.md, ft/, disc/)")
+    out: str = opt("runs/demo", "output directory (demo.json, demo.md, ft/, disc/, and sdft/ with --also sdft)")
     ft_lr: float = opt(3e-5, "FT learning rate")
     ft_epochs: int = opt(3, "FT epochs")
     disc_lr: float = opt(3e-5, "DiSC learning rate")
     disc_epochs: int = opt(3, "DiSC epochs")
     split_strategy: str = opt("sentence_boundary", "DiSC split strategy")
     temperature: float = opt(2.0, "DiSC temperature")
+    also: str = opt("", "extra methods trained after FT and DiSC, comma-separated: sdft")
+    sdft_lr: float = opt(3e-5, "SDFT learning rate (with --also sdft)")
+    sdft_epochs: int = opt(1, "SDFT epochs (with --also sdft; each step generates, so it is slower per epoch)")
     max_new_tokens: int = opt(48, "length of the initial model's reference chat replies (drift KL)")
     save_models: bool = opt(False, "also write ft/model and disc/model")
     overwrite: bool = opt(True, "replace an earlier demo's outputs in --out (a directory holding anything else is refused)")
@@ -86,7 +92,29 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def extra_methods(also: str) -> list[str]:
+    """The --also names, checked before anything loads: one line naming an unknown one."""
+    names = [n.strip() for n in also.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIONAL_METHODS]
+    if unknown:
+        raise CtxDistillError(f"--also {unknown[0]!r} is not an optional demo method; choose from {', '.join(OPTIONAL_METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def demo_runs(cfg: DemoConfig, base: TrainConfig, out: Path) -> dict[str, TrainConfig]:
+    runs = {
+        "ft": base.replace(method="ft", lr=cfg.ft_lr, epochs=cfg.ft_epochs, out=str(out / "ft")),
+        "disc": base.replace(method="disc", lr=cfg.disc_lr, epochs=cfg.disc_epochs, out=str(out / "disc"),
+                             split_strategy=cfg.split_strategy, temperature=cfg.temperature),
+    }
+    for name in extra_methods(cfg.also):  # only sdft so far
+        runs[name] = base.replace(method="sdft", lr=cfg.sdft_lr, epochs=cfg.sdft_epochs, sdft_questions_per_document=2,
+                                  sdft_max_completion_tokens=64, out=str(out / "sdft"))
+    return runs
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
+    extra_methods(cfg.also)
     set_threads(cfg.threads)
     out = prepare_demo_dir(cfg.out, cfg.overwrite)
     with OutputLock(out, "demo output directory"):
@@ -110,13 +138,8 @@ def demo(cfg: DemoConfig, out: Path, log=print) -> dict:
     log(f"initial: knowledge {rows[0]['knowledge']['accuracy']:.3f}, general {rows[0]['general']['accuracy']:.3f}")
 
     base = TrainConfig(model=cfg.model, corpus="bundled:news_updates", seed=cfg.seed, save_model=cfg.save_models, overwrite=True)
-    runs = {
-        "ft": base.replace(method="ft", lr=cfg.ft_lr, epochs=cfg.ft_epochs, out=str(out / "ft")),
-        "disc": base.replace(method="disc", lr=cfg.disc_lr, epochs=cfg.disc_epochs, out=str(out / "disc"),
-                             split_strategy=cfg.split_strategy, temperature=cfg.temperature),
-    }
-    for name, run_cfg in runs.items():
-        label = f"{'FT' if name == 'ft' else 'DiSC'} (lr {run_cfg.lr:g}, {run_cfg.epochs} ep)"
+    for name, run_cfg in demo_runs(cfg, base, out).items():
+        label = f"{LABELS[name]} (lr {run_cfg.lr:g}, {run_cfg.epochs} ep)"
 
         def evaluate(result):
             return {"name": label, "train_s": result.summary["timings_s"]["train"]} | evaluate_model(

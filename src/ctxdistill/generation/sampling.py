@@ -42,11 +42,23 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True
     return list(ids)
 
 
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A prompt's ids: chat messages through the chat template (with the generation prompt), text as text (TRL)."""
+    if isinstance(prompt, list):
+        return chat_ids(tokenizer, prompt)
+    return list(tokenizer(prompt)["input_ids"])
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
     return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def cut_at_stop(row: Sequence[int], stop_ids) -> tuple[list[int], int | None]:

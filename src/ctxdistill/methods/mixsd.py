@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generation.cache import GenerationCache, cache_dir
-from ..generation.sampling import GenerationStats, chat_ids, cut_at_stop, left_pad, stop_token_ids, with_retries
+from ..generation.sampling import GenerationStats, chat_ids, cut_at_stop, left_pad, positions_from_mask, stop_token_ids, with_retries
 from ..inputs.records import load_checked_records
 from .heads import head_ce_kl, mean_per_sequence_weights, sequence_batch
 from ..errors import CtxDistillError
@@ -89,11 +89,6 @@ def answer_matches(text: str, answer: str) -> bool:
 def expert_message(template: str, record) -> str:
     context = record.get("fact") or record["answer"]
     return template.replace("{question}", record["question"]).replace("{context}", context)
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for left-padded rows: 0 at each row's first real token."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 @dataclass

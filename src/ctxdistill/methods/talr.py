@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import chunked_head_kl_ce, chunked_target_logprobs, talr_dynamic_tau, talr_loss, talr_token_weights
+from ..losses import chunked_head_kl_ce, chunked_token_logprobs, talr_dynamic_tau, talr_loss, talr_token_weights
 from ..models import final_hidden_states, plain_lm_head
 from .heads import sequence_batch
 from ..options import opt, require
@@ -52,7 +52,7 @@ class Talr(FineTune):
         batch = sequence_batch([(item.ids, item.ids)], self.pad_id, device, packed=True)
         hidden = final_hidden_states(student, **batch.inputs, use_cache=False)[batch.rows]
         head = student.get_output_embeddings().weight
-        logp = chunked_target_logprobs(hidden.detach(), head, batch.targets, chunk)
+        logp = chunked_token_logprobs(hidden.detach(), head, batch.targets, chunk_size=chunk)
         tau = c.talr_tau or talr_dynamic_tau(logp[None], torch.ones_like(logp[None], dtype=torch.bool))
         weights = talr_token_weights(logp, tau, c.talr_floor) / len(logp)
         _, loss = chunked_head_kl_ce(hidden, head, batch.targets, weights, chunk_size=chunk)

@@ -118,6 +118,9 @@ def check_engine_support(cfg, rt: Runtime) -> None:
     if rt.sharded and cfg.disc.teacher_mode == "per_split" and cfg.uses("disc"):
         raise CtxDistillError(f"teacher_mode per_split runs a different number of forward passes per document, which hangs "
                               f"sharded training ({rt.mode}); use the default single_pass")
+    if rt.sharded and cfg.uses("sdft"):
+        raise CtxDistillError(f"sdft samples its rollouts with the whole model on every process, which sharded training ({rt.mode}) "
+                              f"does not hold yet; run it on one process or data parallel (torchrun / accelerate without FSDP or DeepSpeed)")
     if rt.mode == "deepspeed" and cfg.on_nonfinite == "skip":
         raise CtxDistillError("--on-nonfinite skip is not available under DeepSpeed (its engine steps inside backward); use FSDP or data parallel")
     if rt.mode == "deepspeed" and cfg.loss_normalization == "token":
