@@ -28,6 +28,19 @@ def tiny_llama(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def perturbed_teacher(model, scale: float = 0.05):
+    """A frozen teacher that differs from `model`: a copy with Gaussian noise added to every weight."""
+    import copy
+
+    from ctxdistill.teachers import Teacher
+
+    teacher_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in teacher_model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return Teacher(model=teacher_model)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A save_pretrained directory (weights + tokenizer) that every loader path accepts."""

@@ -4,12 +4,11 @@ method that uses it: the loss and every gradient, fp32, against the methods' ref
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import perturbed_teacher, tiny_llama
 
 from ctxdistill.config import TrainConfig
 from ctxdistill.losses import (chunked_head_kl, chunked_head_kl_ce, chunked_kl, distill_with_ce, forward_kl_per_position, ft_kl_loss,
@@ -21,7 +20,6 @@ from ctxdistill.methods.ft_kl import FineTuneKL
 from ctxdistill.methods.icl_distill import IclDistill, IclItem
 from ctxdistill.methods.mixsd import MixSD, SftExample
 from ctxdistill.methods.replay import Replay, ReplayExample
-from ctxdistill.teachers import Teacher
 
 VOCAB = 300
 CHUNK = 7  # positions per chunk: every sequence below spans several chunks
@@ -34,11 +32,7 @@ def ids(n: int, seed: int) -> tuple[int, ...]:
 @pytest.fixture()
 def pair():
     student = tiny_llama(VOCAB)
-    teacher_model = copy.deepcopy(student)
-    with torch.no_grad():
-        for p in teacher_model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return student, Teacher(model=teacher_model)
+    return student, perturbed_teacher(student)
 
 
 def logits(model, seq):
@@ -243,10 +237,7 @@ def test_disc_and_ft_kl_with_liger_equal_the_chunked_path_on_cuda(tokenizer):
     from ctxdistill.methods.disc import Disc, DiscItem
 
     student = tiny_llama(len(tokenizer)).cuda()
-    teacher = Teacher(model=copy.deepcopy(student).requires_grad_(False))
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher = perturbed_teacher(student)
     segmented = [segment_document(f"d{i}", text, tokenizer)[0] for i, text in enumerate(docs)]
     items = [DiscItem(d, tuple(choose_spans(d, "sentence_boundary", random.Random(i), num_splits=3))) for i, d in enumerate(segmented)]
     run = lambda kernels: value_and_grads(student, lambda: Disc(TrainConfig.create(kernels=kernels)).batch_loss(student, teacher, items, "cuda").loss)

@@ -1,6 +1,5 @@
 """ctxdistill variants beyond the DiSC paper: context-sensitive positions, and chat retention through replay."""
 
-import copy
 import json
 import random
 
@@ -16,19 +15,11 @@ from ctxdistill.methods import PrepareContext, get_method
 from ctxdistill.methods.disc import Disc, DiscItem
 from ctxdistill.inputs.records import Record
 from ctxdistill.methods.replay import ReplayExample, needs_response, replay_example
-from ctxdistill.teachers import CachedTeacher, Teacher
+from ctxdistill.teachers import CachedTeacher
 from ctxdistill.inputs.segment import choose_spans, segment_document
 from ctxdistill.training import train
 
-from conftest import NEWS
-
-
-def perturbed_teacher(model):
-    teacher_model = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in teacher_model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return Teacher(model=teacher_model)
+from conftest import NEWS, perturbed_teacher
 
 
 @pytest.fixture()

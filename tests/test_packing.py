@@ -4,13 +4,12 @@ no token attends across a segment boundary."""
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import perturbed_teacher, tiny_llama
 
 from ctxdistill.config import TrainConfig
 from ctxdistill.inputs.segment import choose_spans, segment_document
@@ -18,18 +17,9 @@ from ctxdistill.methods.disc import Disc, DiscItem
 from ctxdistill.methods.ft import FineTune, TokenExample
 from ctxdistill.methods.ft_kl import FineTuneKL
 from ctxdistill.methods.heads import sequence_batch
-from ctxdistill.teachers import Teacher
 from ctxdistill.training.loop import train
 
 VOCAB = 300
-
-
-def perturbed_teacher(student):
-    model = copy.deepcopy(student)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return Teacher(model=model)
 
 
 def loss_and_grads(student, compute):

@@ -155,9 +155,10 @@ def packing_on(cfg, model, packed_tokens: int | None = None) -> bool:
     MASKED_PACK_MAX_TOKENS tokens (`packed_tokens`, given by DiSC's passes). SDPA and eager apply the
     block-diagonal mask to the whole [total, total] score matrix, so a packed row costs attention quadratic in
     its length: on CPU at 8 documents per step, packed FT (~2,000-token rows, backward through the mask) ran at
-    0.54x the padded documents/s, packed DiSC (suffix rows of ~1,000 tokens, a forward-only teacher row of
-    ~2,000) at 1.52x (docs/performance.md); a long document's many short suffixes stay padded. Packed and padded
-    are tested equal."""
+    0.67x the padded documents/s and packed DiSC (suffix rows of ~1,000 tokens, a forward-only teacher row of
+    ~2,000) at 1.02x (docs/performance.md). DiSC is packed anyway for its bounded shapes (one row rounded to
+    `--pad-to-multiple` instead of [suffixes, longest]); a long document's many short suffixes stay padded.
+    Packed and padded are tested equal."""
     if cfg.packing != "auto":
         return cfg.packing == "on"
     if attention_of(model) in VARLEN_ATTENTION:
