@@ -114,12 +114,16 @@ def test_ft_training_with_packed_documents_equals_one_document_per_pass(tiny_mod
     assert run["packing"]["distinct_pass_shapes"] == 1 and run["packing"]["pad_to_multiple"] == 8
 
 
-def test_packing_auto_packs_with_varlen_attention_and_for_disc():
+def test_packing_auto_packs_with_varlen_attention_and_for_disc_on_cuda(monkeypatch):
+    from ctxdistill.methods import heads
     from ctxdistill.methods.heads import packing_on
 
     model = tiny_llama(VOCAB)
     assert model.config._attn_implementation == "sdpa"
     assert not packing_on(TrainConfig.create(), model) and packing_on(TrainConfig.create(packing="on"), model)
-    assert packing_on(TrainConfig.create(), model, 2048) and not packing_on(TrainConfig.create(), model, 2049)  # DiSC's passes
+    assert not packing_on(TrainConfig.create(), model, 2048), "on CPU auto keeps DiSC's padded passes (no faster packed)"
+    monkeypatch.setattr(heads, "next", lambda params: type("P", (), {"device": torch.device("cuda")})(), raising=False)
+    assert packing_on(TrainConfig.create(), model, 2048) and not packing_on(TrainConfig.create(), model, 2049)  # DiSC's passes on CUDA
+    monkeypatch.undo()
     model._ctxdistill_attention = "flash_attention_2"  # what models.choose_attention sets on CUDA with flash-attn installed
     assert packing_on(TrainConfig.create(), model) and not packing_on(TrainConfig.create(packing="off"), model)

@@ -61,8 +61,8 @@ class TrainConfig:
                                   "method with a batched loss (DiSC, FT, FT+KL); 0 = one item per pass; the loss is unchanged")
     packing: str = opt("auto", "batched passes (DiSC, FT, FT+KL) as ONE padding-free packed sequence (per-sequence position ids, "
                                "attention that never crosses a sequence) or right-padded rows, equal losses either way; auto = packed "
-                               "with flash-attention (varlen); with SDPA/eager only DiSC's passes of <= 2048 tokens (masked attention is "
-                               "quadratic in the packed length)",
+                               "with flash-attention (varlen); with SDPA/eager only DiSC's passes of <= 2048 tokens on CUDA (masked "
+                               "attention is quadratic in the packed length; on CPU padded, measured no faster packed)",
                        ("auto", "on", "off"))
     pad_to_multiple: int = opt(0, "round batched pass lengths up to a multiple of this, bounding the distinct shapes a run sees "
                                   "(0 = 64 on CUDA, 1 elsewhere)")

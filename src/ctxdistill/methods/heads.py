@@ -156,11 +156,13 @@ def packing_on(cfg, model, packed_tokens: int | None = None) -> bool:
     block-diagonal mask to the whole [total, total] score matrix, so a packed row costs attention quadratic in
     its length: on CPU at 8 documents per step, packed FT (~2,000-token rows, backward through the mask) ran at
     0.67x the padded documents/s and packed DiSC (suffix rows of ~1,000 tokens, a forward-only teacher row of
-    ~2,000) at 1.02x (docs/performance.md). DiSC is packed anyway for its bounded shapes (one row rounded to
-    `--pad-to-multiple` instead of [suffixes, longest]); a long document's many short suffixes stay padded.
-    Packed and padded are tested equal."""
+    ~2,000) at 1.02x (docs/performance.md). On CUDA, DiSC is packed anyway for its bounded shapes (one row
+    rounded to `--pad-to-multiple` instead of [suffixes, longest]; unmeasured); on CPU `auto` keeps the padded
+    passes, whose bf16 numerics the documented results were measured with. Packed and padded are tested equal
+    (fp32)."""
     if cfg.packing != "auto":
         return cfg.packing == "on"
     if attention_of(model) in VARLEN_ATTENTION:
         return True
-    return packed_tokens is not None and packed_tokens <= MASKED_PACK_MAX_TOKENS
+    on_gpu = next(model.parameters()).device.type == "cuda"  # where bounded shapes pay (a kernel plan per new shape)
+    return on_gpu and packed_tokens is not None and packed_tokens <= MASKED_PACK_MAX_TOKENS

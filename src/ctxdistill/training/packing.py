@@ -33,7 +33,7 @@ def packing_report(trainer) -> dict:
 
     cfg, method = trainer.cfg, trainer.method
     packed = method.batched and packing_on(cfg, trainer.unwrapped)
-    if method.batched and not packed and cfg.packing == "auto" and cfg.uses("disc"):
+    if method.batched and not packed and cfg.packing == "auto" and cfg.uses("disc") and trainer.rt.device.type == "cuda":
         packed = f"DiSC passes of up to {MASKED_PACK_MAX_TOKENS} tokens"
     return {"batched_loss": method.batched, "packed": packed, "mode": cfg.packing,
             "attention": attention_of(trainer.unwrapped),
