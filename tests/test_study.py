@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import yaml
 
@@ -197,3 +199,61 @@ def test_matched_gain_table_bootstraps_items_and_reports_the_reach():
     assert ft_row.startswith("| ft | +0.2000 [") and "%)" in ft_row
     assert "| **disc − ft** | -0.1000 [" in text and "family of 1 test)" in text
     assert "Both curves reach the gain in: **disc − ft**" in text
+
+
+def _run(acc: float, ifeval: float, method: str, lr: float, seed: int, n: int = 60, role: str = "updated", shift: int = 0):
+    """One synthetic evaluation: the first `acc` of n probes right, and `ifeval` of n prompts followed (prompt i
+    when (i + shift) % n < ifeval * n, so seeds with different shifts follow different prompts at the same rate)."""
+    probes = [1.0 if i < round(acc * n) else 0.0 for i in range(n)]
+    prompts = [1.0 if (i + shift) % n < round(ifeval * n) else 0.0 for i in range(n)]
+    return {"role": role, "run": {"method": method, "lr": lr, "seed": seed}, "_path": f"{method}{lr}{seed}",
+            "metrics": {"knowledge.mcq_loglik": {"value": sum(probes) / n, "stderr": 0.05, "n": n},
+                        "ifeval.prompt_strict": {"value": sum(prompts) / n, "stderr": 0.05, "n": n}},
+            "item_scores": {"knowledge.mcq_loglik": probes, "ifeval.prompt_strict": prompts},
+            "tasks": {"knowledge": {"ids": [f"q{i}" for i in range(n)]}, "ifeval": {"ids": [f"p{i}" for i in range(n)]}}}
+
+
+def test_matched_gain_bootstrap_resamples_seeds_so_seed_spread_widens_the_interval():
+    from ctxdistill.experiments.study_report import matched_bootstrap
+
+    base = _run(0.2, 0.6, "initial", 0.0, 0, role="baseline")
+
+    def groups(ifeval_by_seed):
+        return {"disc": {1e-4: [_run(0.4, 0.6, "disc", 1e-4, s) for s in (1, 2, 3)]},
+                "ft": {1e-4: [_run(0.4, f, "ft", 1e-4, s, shift=7 * s) for s, f in zip((1, 2, 3), ifeval_by_seed)]}}
+
+    def width(ifeval_by_seed, seeds):
+        boot = matched_bootstrap(groups(ifeval_by_seed), base, "knowledge.mcq_loglik", "ifeval.prompt_strict", [10.0], B=400, seeds=seeds)
+        diff = boot["values"][("disc", 10.0)] - boot["values"][("ft", 10.0)]  # halfway up a +20-point curve
+        assert np.isfinite(diff).mean() > 0.9  # NaN: a resample whose curve does not reach the gain
+        return np.nanquantile(diff, 0.975) - np.nanquantile(diff, 0.025)
+
+    # seeds that disagree (FT's IFEval 0.3, 0.5, 0.7 at the same knowledge) widen the two-level interval
+    assert width([0.3, 0.5, 0.7], seeds=True) > 1.3 * width([0.3, 0.5, 0.7], seeds=False)
+    # one seed per cell: nothing to resample at the outer level, the same draws as items alone
+    single = {"disc": {1e-4: [_run(0.4, 0.6, "disc", 1e-4, 1)]}, "ft": {1e-4: [_run(0.4, 0.5, "ft", 1e-4, 1)]}}
+    a = matched_bootstrap(single, base, "knowledge.mcq_loglik", "ifeval.prompt_strict", [20.0], B=100, seeds=True)["values"]
+    b = matched_bootstrap(single, base, "knowledge.mcq_loglik", "ifeval.prompt_strict", [20.0], B=100, seeds=False)["values"]
+    assert np.array_equal(a[("ft", 20.0)], b[("ft", 20.0)], equal_nan=True)
+
+
+def test_the_preregistered_primary_reads_the_matched_gain_and_states_the_decision():
+    from ctxdistill.experiments.study_report import primary_lines
+
+    base = _run(0.2, 0.6, "initial", 0.0, 0, role="baseline")
+    # both methods gain +20 points at 1e-4 and +40 at 3e-4; DiSC keeps IFEval at 0.6, FT drops to 0.4 and 0.2
+    groups = {"disc": {lr: [_run(acc, 0.6, "disc", lr, s, shift=s) for s in (1, 2, 3)] for lr, acc in ((1e-4, 0.4), (3e-4, 0.6))},
+              "ft": {lr: [_run(acc, f, "ft", lr, s, shift=s) for s in (1, 2, 3)] for lr, acc, f in ((1e-4, 0.4, 0.4), (3e-4, 0.6, 0.2))}}
+    primary = {"domain": "news", "a": "disc", "b": "ft", "metric": "ifeval.prompt_strict", "gain": 30, "bootstrap": 300,
+               "registered": "docs/study_plan.md (v1)"}
+    text = "\n".join(primary_lines(primary, "news", groups, base, "knowledge.mcq_loglik"))
+    # at +30 points FT is halfway between 0.4 and 0.2 (0.3), DiSC at 0.6: +30.0 points
+    assert "at matched gain (+30 points" in text and "**+30.0 [" in text
+    assert "lies above 0: disc keeps it better than ft" in text and "Pre-registered in docs/study_plan.md (v1)." in text
+    assert "seeds per learning rate disc [3], ft [3]" in text
+    # a gain no curve reaches is said to be out of reach, not estimated
+    far = "\n".join(primary_lines(primary | {"gain": 60}, "news", groups, base, "knowledge.mcq_loglik"))
+    assert "Not estimable: a curve does not reach the gain" in far
+    # without `gain` the comparison stays at one learning rate and says it was designated after the runs
+    at_lr = "\n".join(primary_lines({"domain": "news", "a": "disc", "b": "ft", "metric": "ifeval.prompt_strict", "lr": 1e-4}, "news", groups))
+    assert "lr 0.0001" in at_lr and "Designated in the study config after this study was run" in at_lr

@@ -260,7 +260,7 @@ def cmd_study(args, options: dict) -> None:
 
     if not args.config and not options.get("report_only"):
         raise CtxDistillError("study needs --config YAML (e.g. configs/study.yaml), or --report-only to rebuild results.md from a summary")
-    result = run_study(load_study_config(args.config, options), progress=not args.quiet)
+    result = run_study(load_study_config(args.config, options), progress=not args.quiet, config_path=args.config or "configs/study.yaml")
     print(f"study: results -> {result['results']}")
 
 

@@ -306,7 +306,9 @@ def unfinished(cfg: StudyConfig) -> list[str]:
     return missing
 
 
-def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
+def run_study(cfg: StudyConfig, log=print, progress: bool = True, config_path: str = "configs/study.yaml") -> dict:
+    """Every stage of `cfg` (skipping what is finished), then the summary and results.md; `config_path` is the
+    file the results page names as its source."""
     cfg.validate()
     if cfg.report_only:
         summary_path = Path(cfg.summary) if cfg.summary else cfg.results_path() / "results" / "study_summary.json"
@@ -314,7 +316,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
             raise CtxDistillError(f"{summary_path} not found; run the study first or pass --summary PATH")
         from .study_report import write_results
 
-        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log, primary=cfg.primary)
+        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log, primary=cfg.primary, config_path=config_path)
 
     from ..runtime import set_threads
     from .sweep import run_sweep
@@ -352,7 +354,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     log(f"study: summary -> {summary_path}")
     from .study_report import write_results
 
-    return write_results(summary, results, cfg.reading, log=log, primary=cfg.primary)
+    return write_results(summary, results, cfg.reading, log=log, primary=cfg.primary, config_path=config_path)
 
 
 def _json_default(value):

@@ -81,17 +81,32 @@ def _boot_means(ev: dict, key: str, idx: np.ndarray) -> np.ndarray | None:
     return None if scores is None else stats.resampled_means(np.asarray(scores, float), idx)
 
 
-def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[float], B: int = BOOTSTRAP, alpha: float = 0.05) -> list[str]:
-    """Each method's change in `key` where its curve first reaches each domain gain, with a joint bootstrap 95 %
-    interval (items of every task resampled together for every run, the interpolation redone per resample)
-    and the share of resamples that reach the gain; then the difference between method pairs."""
-    s_dom, s_key = scale(domain), scale(key)
-    unit = "pts" if s_dom == 100 else METRICS.get(domain, ("", "nats"))[1]
+def _seed_level(runs: list[dict], arrays: list[list[np.ndarray]], rng: np.random.Generator) -> list[np.ndarray]:
+    """Two-level bootstrap, outer level: per resample, draw the cell's seeds with replacement and average
+    the drawn seeds' item-resampled means. `arrays` holds one list (one (B,) array per seed) per quantity;
+    every quantity of a cell uses the same seed draw (a seed's run gives its domain score and its metric)."""
+    S, B = len(runs), len(arrays[0][0])
+    if S < 2:
+        return [np.mean(per_seed, axis=0) for per_seed in arrays]
+    draws = rng.integers(0, S, size=(B, S))
+    cols = np.arange(B)[:, None]
+    return [np.stack(per_seed)[draws, cols].mean(axis=1) for per_seed in arrays]
+
+
+def matched_bootstrap(groups: dict, base: dict, domain: str, key: str, gains: list[float], B: int = BOOTSTRAP,
+                      seeds: bool = True, seed: int = 0) -> dict:
+    """Each method's change in `key` where its learning-rate curve first reaches each domain gain, per
+    resample of a joint bootstrap: the items of every task resampled together for every run (the same draw
+    for every method, so differences stay paired) and, with `seeds`, the seeds of each (method, lr) cell
+    resampled too (two-level). Returns {"points": method -> [(domain, key)] (initial model first, means over
+    seeds), "values": (method, gain) -> (B,) changes, "base": the initial value of `key`, "reason": why
+    there are no resamples ("" when there are)}."""
+    rng = np.random.default_rng(seed + 1)
     evals = [base] + [r for by_lr in groups.values() for rs in by_lr.values() for r in rs]
-    idx = _resamplers(evals, [domain, key], B)
+    idx = _resamplers(evals, [domain, key], B, seed)
     base_key = base["metrics"].get(key, {"value": 0.0} if key in KL_KEYS else None)
     if base_key is None:
-        return []
+        return {"points": {}, "values": {}, "base": None, "reason": f"the initial model has no {key}"}
     base_key = base_key["value"]
     curves, points, reason = {}, {}, idx if isinstance(idx, str) else ""
     for method, by_lr in groups.items():
@@ -109,25 +124,49 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
                 if any(x is None for x in bd + bm):
                     reason = stats.NO_ITEMS
                 else:
-                    boot_d.append(np.mean(bd, axis=0))
-                    boot_m.append(np.mean(bm, axis=0))
+                    d_b, m_b = _seed_level(runs, [bd, bm], rng) if seeds else (np.mean(bd, axis=0), np.mean(bm, axis=0))
+                    boot_d.append(d_b)
+                    boot_m.append(m_b)
         points[method] = pts
         if not reason:
             curves[method] = stats.Curve(boot_d, boot_m)
+    values = {(method, g): stats.curve_values(curve, g / scale(domain)) - base_key for method, curve in curves.items() for g in gains}
+    return {"points": points, "values": values, "base": base_key, "reason": reason}
+
+
+def matched_difference(boot: dict, a: str, b: str, gain: float, domain: str) -> dict:
+    """A − B at one gain: the point estimate from the mean curves and the bootstrap summary of the resamples."""
+    s_dom = scale(domain)
+    pa, pb = boot["points"].get(a), boot["points"].get(b)
+    va = interpolate_at(pa, pa[0][0] + gain / s_dom) if pa else None
+    vb = interpolate_at(pb, pb[0][0] + gain / s_dom) if pb else None
+    if boot["reason"] or (a, gain) not in boot["values"] or (b, gain) not in boot["values"]:
+        return {"value": None if va is None or vb is None else va - vb, "lo": None, "hi": None, "reach": 0.0, "p": None,
+                "reason": boot["reason"] or "a method was not run"}
+    return stats.bootstrap_summary(boot["values"][(a, gain)] - boot["values"][(b, gain)], None if va is None or vb is None else va - vb)
+
+
+def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[float], B: int = BOOTSTRAP, alpha: float = 0.05,
+                  seeds: bool = True) -> list[str]:
+    """`matched_bootstrap` as a table: each method's change at each gain with its 95 % interval and the share
+    of resamples that reach the gain; then the difference between method pairs (one Holm family)."""
+    s_dom, s_key = scale(domain), scale(key)
+    unit = "pts" if s_dom == 100 else METRICS.get(domain, ("", "nats"))[1]
+    boot = matched_bootstrap(groups, base, domain, key, gains, B, seeds)
+    if boot["base"] is None:
+        return []
+    points, values, reason, base_key = boot["points"], boot["values"], boot["reason"], boot["base"]
     header = ["method"] + [f"+{g:g} {unit}" for g in gains]
     table = Table(header, [None] + [key] * len(gains), alpha, k=None)
-    values = {}
     for method, pts in points.items():
         cells = [method]
         for g in gains:
             target = pts[0][0] + g / s_dom
             v = interpolate_at(pts, target)
-            if reason or method not in curves:
+            if reason or (method, g) not in values:
                 cells.append("not reached" if v is None else f"{_num((v - base_key) * s_key, digits_of(key))} [— {reason}]")
                 continue
-            boot = stats.curve_values(curves[method], g / s_dom) - base_key
-            values[(method, g)] = boot
-            summ = stats.bootstrap_summary(boot, None if v is None else v - base_key)
+            summ = stats.bootstrap_summary(values[(method, g)], None if v is None else v - base_key)
             cells.append(_boot_cell(key, summ))
         table.rows.append(cells)
     for a, b in MATCHED_PAIRS:
@@ -135,16 +174,14 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
             continue
         cells = [f"**{a} − {b}**"]
         for g in gains:
-            va, vb = interpolate_at(points[a], points[a][0][0] + g / s_dom), interpolate_at(points[b], points[b][0][0] + g / s_dom)
-            diff = values[(a, g)] - values[(b, g)]
-            summ = stats.bootstrap_summary(diff, None if va is None or vb is None else va - vb)
+            summ = matched_difference(boot, a, b, g, domain)
             cells.append(stats.Estimate(summ["value"], None, summ["lo"], summ["hi"], summ["p"], reason=summ["reason"] or "")
                          if summ["lo"] is not None and summ["value"] is not None else _boot_cell(key, summ))
             if isinstance(cells[-1], stats.Estimate):
                 cells[-1].notes.append(f"{summ['reach'] * 100:.0f} %")
         table.rows.append(cells)
-    lines = table.lines(note=f"Joint bootstrap over items ({B} resamples); in brackets the share of resamples in which the curve "
-                             "reaches the gain (the interval is over those).")
+    lines = table.lines(note=f"Joint bootstrap over items{' and seeds (two-level)' if seeds else ''} ({B} resamples); in brackets "
+                             "the share of resamples in which the curve reaches the gain (the interval is over those).")
     # the reach of difference rows, appended to their cells
     out = []
     for line in lines:
@@ -197,10 +234,21 @@ def paired_section(groups: dict, alpha: float = 0.05, skip: tuple | None = None)
     return lines
 
 
-def primary_lines(primary: dict, name: str, groups: dict) -> list[str]:
+def primary_lines(primary: dict, name: str, groups: dict, base: dict | None = None, domain: str = "") -> list[str]:
+    """The pre-registered primary comparison: A − B on `metric` at one learning rate (`lr`), or, with `gain`,
+    at matched domain gain (each method's curve read where it first reaches the initial score + gain; a
+    two-level joint bootstrap over items and seeds, `bootstrap` resamples). `registered` says where and
+    when it was pre-registered; without it the comparison is labelled as designated after the runs."""
     if not primary or primary.get("domain") != name:
         return []
-    a, b, key, lr = primary.get("a"), primary.get("b"), primary.get("metric"), float(primary.get("lr", 0))
+    a, b, key = primary.get("a"), primary.get("b"), primary.get("metric")
+    registered = primary.get("registered")
+    provenance = (f"Pre-registered in {registered}." if registered else
+                  "Designated in the study config after this study was run, so it is the comparison the powered study "
+                  "pre-registers, not a confirmed result.")
+    if primary.get("gain") is not None:
+        return _primary_matched(primary, name, groups, base, domain, provenance)
+    lr = float(primary.get("lr", 0))
     head = [f"### Primary comparison: {a} − {b}, `{key}`, lr {lr:g}", ""]
     if a not in groups or b not in groups or lr not in groups[a] or lr not in groups[b]:
         return head + ["Not run.", ""]
@@ -211,9 +259,39 @@ def primary_lines(primary: dict, name: str, groups: dict) -> list[str]:
                "the interval includes 0: no difference is shown, and none is ruled out beyond the interval" if est.defined else "no interval")
     notes = f" ({'; '.join(est.notes)})" if est.notes else ""
     return head + [f"{text} over {len(xa)} seed(s), n = {est.n} items, {est.method or '—'}{notes}, p = "
-                   + (f"{est.p:.3g}" if est.p is not None else "—") + f": {verdict}. A family of one (not Holm-adjusted). "
-                   "Designated in configs/study.yaml after this study was run, so it is the comparison the powered study "
-                   "pre-registers, not a confirmed result.", ""]
+                   + (f"{est.p:.3g}" if est.p is not None else "—") + f": {verdict}. A family of one (not Holm-adjusted). {provenance}", ""]
+
+
+def _primary_matched(primary: dict, name: str, groups: dict, base: dict | None, domain: str, provenance: str) -> list[str]:
+    a, b, key, gain = primary.get("a"), primary.get("b"), primary.get("metric"), float(primary["gain"])
+    B = int(primary.get("bootstrap", 2000))
+    unit = "points" if scale(domain) == 100 else METRICS.get(domain, ("", "nats"))[1]
+    head = [f"### Primary comparison: {a} − {b}, `{key}`, at matched gain (+{gain:g} {unit} of `{domain}`)", ""]
+    if base is None or a not in groups or b not in groups:
+        return head + ["Not run yet.", ""]
+    seeds = {m: sorted({len(rs) for rs in groups[m].values()}) for m in (a, b)}
+    boot = matched_bootstrap({a: groups[a], b: groups[b]}, base, domain, key, [gain], B, seeds=True)
+    summ = matched_difference(boot, a, b, gain, domain)
+    s, d = scale(key), digits_of(key)
+    lrs = {m: ", ".join(f"{lr:g}" for lr in groups[m]) for m in (a, b)}
+    design = (f"Curves over learning rates ({a}: {lrs[a]}; {b}: {lrs[b]}; seeds per learning rate {a} {seeds[a]}, {b} {seeds[b]}), "
+              f"{B} two-level bootstrap resamples (seeds of each cell drawn with replacement, then the items of every task drawn "
+              "together, the same draw for both methods), percentile interval over the resamples in which both curves reach the gain.")
+    if summ["value"] is None:
+        why = summ["reason"] if summ["reason"] == "a method was not run" or summ["reason"].startswith("no ") else \
+            f"a curve does not reach the gain (both do in {summ['reach'] * 100:.0f} % of resamples)"
+        return head + [f"Not estimable: {why}. {design} {provenance}", ""]
+    if summ["lo"] is None:
+        return head + [f"{_num(summ['value'] * s, d)} [— {summ['reason']}]. {design} {provenance}", ""]
+    values = boot["values"][(a, gain)] - boot["values"][(b, gain)]
+    se = float(np.nanstd(values, ddof=1))
+    verdict = (f"the interval lies above 0: {a} keeps it better than {b} at this gain" if summ["lo"] > 0 else
+               f"the interval lies below 0: {a} keeps it worse than {b} at this gain" if summ["hi"] < 0 else
+               "the interval includes 0: the difference is not resolved at this power (not evidence of equality)")
+    return head + [f"**{_num(summ['value'] * s, d)} [{_num(summ['lo'] * s, d)}, {_num(summ['hi'] * s, d)}]** (95 %), bootstrap p = "
+                   f"{summ['p']:.3g}, both curves reach the gain in {summ['reach'] * 100:.0f} % of resamples; bootstrap SE "
+                   f"{se * s:.{d}f}, so the difference detectable with 80 % power at α = 0.05 is ≈ {_num(stats.mde(se, 2.8) * s, d, False)}: "
+                   f"{verdict}. A family of one (not Holm-adjusted). {design} {provenance}", ""]
 
 
 def domain_section(name: str, data: dict, domain: str, threshold: float, out: Path, primary: dict | None = None) -> tuple[list[str], dict]:
@@ -234,7 +312,7 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
                   f"{base['metrics'][domain]['value'] * scale(domain):.{digits}f} ± {base['metrics'][domain]['stderr'] * scale(domain):.{digits}f}.", ""]
     if domain == "knowledge.gold_option_logprob":
         lines += [NOT_CONTRASTIVE, ""]
-    lines += primary_lines(primary or {}, name, groups)
+    lines += primary_lines(primary or {}, name, groups, base, domain)
     # CP table
     lines += ["### Each method at its CP learning rate", ""] + cp_lines(cp, domain, SKILLS, threshold)
     lines += ["At the paper rule's pick: the value over seeds and, in brackets below it, the change from the initial model with its 95 % "
@@ -380,7 +458,8 @@ def compute_account(summary: dict) -> list[str]:
             "on two processes side by side (process start-up not included).", ""]
 
 
-def write_results(summary: dict, results_dir: Path, reading: str = "", log=print, primary: dict | None = None) -> dict:
+def write_results(summary: dict, results_dir: Path, reading: str = "", log=print, primary: dict | None = None,
+                  config_path: str = "configs/study.yaml") -> dict:
     results_dir = Path(results_dir)
     figures = results_dir / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -388,9 +467,11 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
     threshold = float(summary.get("cp_threshold", 5.0))
     env = summary.get("environment", {})
     timings = summary.get("timings_s", {})
+    summary_path = figures / "study_summary.json"
+    rebuild = f"ctxdistill study --config {config_path} --report-only --results-dir {results_dir}" + (f" --reading {reading}" if reading else "")
     lines = ["# ctxdistill study: DiSC against the baselines", "",
-             "Written by `ctxdistill study --config configs/study.yaml` from `docs/results/study_summary.json` "
-             "(rebuild without training: `ctxdistill study --config configs/study.yaml --report-only --results-dir docs --reading docs/results_reading.md`; the config supplies the primary comparison).", "",
+             f"Written by `ctxdistill study --config {config_path}` from `{summary_path}` "
+             f"(rebuild without training: `{rebuild}`; the config supplies the primary comparison).", "",
              f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch thread(s) per process"
              + (f", {len([k for k in timings if '.shard' in k])} processes side by side (`--shard`)" if any(".shard" in k for k in timings) else "")
              + f", torch {env.get('torch', '?')}, CUDA {'yes' if env.get('cuda') else 'no'}.", ""]
