@@ -54,13 +54,38 @@ def test_probe_round_accuracy_groups_item_scores_by_round():
     assert acc[1]["value"] == 0.5 and acc[1]["n"] == 2 and acc[2]["value"] == 1.0
 
 
-def test_study_config_errors(tmp_path, tiny_model_dir, corpus_file):
+def test_study_config_errors(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
     with pytest.raises(CtxDistillError, match="unknown method"):
         load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, domains={"news": {"methods": ["magic"]}}))).validate()
     with pytest.raises(CtxDistillError, match="unknown key"):
         load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, domains={"news": {"methodz": ["ft"]}}))).validate()
     with pytest.raises(CtxDistillError, match="rounds must be >= 2"):
         load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, continual={"rounds": 1, "methods": {"ft": {}}}))).validate()
+    monkeypatch.setattr("ctxdistill.model_sources.models_dir", lambda: tmp_path / "no_models")
+    with pytest.raises(CtxDistillError, match="ctxdistill fetch-model qwen2.5-coder-0.5b-instruct"):
+        load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, domains={
+            "a": {"methods": ["ft"]}, "b": {"methods": ["disc"], "model": "qwen2.5-coder-0.5b-instruct"}}))).validate()
+    with pytest.raises(CtxDistillError, match="different models"):
+        load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, domains={
+            "a": {"methods": ["ft"]}, "b": {"methods": ["disc"], "sweep_dir": "a", "model": str(tmp_path)}}))).validate()
+
+
+def test_each_domain_can_start_from_its_own_model_and_the_summary_names_it(tmp_path, tiny_model_dir, corpus_file, short_preset):
+    import shutil
+
+    other = tmp_path / "second_architecture"
+    shutil.copytree(tiny_model_dir, other)
+    path = write_study(tmp_path, tiny_model_dir, corpus_file, continual={}, domains={
+        "small": {"corpus": str(corpus_file), "methods": ["ft"], "lrs": [1e-3]},
+        "other": {"corpus": str(corpus_file), "methods": ["ft"], "lrs": [1e-3], "model": str(other)}})
+    cfg = load_study_config(str(path))
+    run_study(cfg, log=lambda *_: None, progress=False, config_path="configs/two_models.yaml")
+    summary = json.loads((tmp_path / "docs" / "results" / "study_summary.json").read_text())
+    assert summary["domains"]["small"]["baseline"]["model"] == str(tiny_model_dir)
+    assert summary["domains"]["other"]["baseline"]["model"] == str(other)
+    assert summary["domains"]["other"]["runs"][0]["run"]["train"]["method"] == "ft"
+    results = (tmp_path / "docs" / "results.md").read_text()
+    assert "Written by `ctxdistill study --config configs/two_models.yaml`" in results
 
 
 def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tmp_path, tiny_model_dir, corpus_file, monkeypatch, short_preset):
@@ -148,6 +173,21 @@ def test_shards_split_the_plan_and_together_cover_it(tmp_path, tiny_model_dir, c
         SweepConfig(shard="two").shard_of()
     with pytest.raises(CtxDistillError, match="0..n-1"):
         SweepConfig(shard="2/2").shard_of()
+
+
+def test_a_one_process_domain_runs_whole_in_shard_0_and_other_shards_skip_it(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    import ctxdistill.experiments.sweep as sweep_module
+
+    ran = []
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda sweep, **_: ran.append((sweep.out.rsplit("/", 1)[-1], sweep.shard, len(sweep.plan()))))
+    domains = {"small": {"corpus": str(corpus_file), "methods": ["ft", "disc"], "lrs": [1e-3]},
+               "large": {"corpus": str(corpus_file), "methods": ["ft", "disc"], "lrs": [1e-3], "one_process": True}}
+    for i in range(2):
+        cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, continual={}, domains=domains, stages=["small", "large"],
+                                                shard=f"{i}/2")))
+        run_study(cfg, log=lambda *_: None, progress=False)
+    # shard 0: its half of `small`, then all of `large`; shard 1: its half of `small` only
+    assert ran == [("small", "0/2", 1), ("large", "", 2), ("small", "1/2", 1)]
 
 
 def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
@@ -257,3 +297,17 @@ def test_the_preregistered_primary_reads_the_matched_gain_and_states_the_decisio
     # without `gain` the comparison stays at one learning rate and says it was designated after the runs
     at_lr = "\n".join(primary_lines({"domain": "news", "a": "disc", "b": "ft", "metric": "ifeval.prompt_strict", "lr": 1e-4}, "news", groups))
     assert "lr 0.0001" in at_lr and "Designated in the study config after this study was run" in at_lr
+
+
+def test_every_shipped_study_config_validates(monkeypatch):
+    """configs/*.yaml are what the docs tell users to run: each must load and validate as it is."""
+    from pathlib import Path
+
+    monkeypatch.setattr("ctxdistill.model_sources.fetched_model_dir", lambda alias: Path("/fetched") / alias)  # no 468 MiB download here
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("study.yaml", "study_powered.yaml"):
+        cfg = load_study_config(str(root / name))
+        assert cfg.stage_order() and all(cfg.sweep_config(d).plan() for d in cfg.domains)
+    powered = load_study_config(str(root / "study_powered.yaml"))
+    assert powered.primary["gain"] == 16 and powered.primary["bootstrap"] == 2000
+    assert {powered.sweep_config(d).model for d in powered.domains} == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"}

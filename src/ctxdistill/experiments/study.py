@@ -35,7 +35,9 @@ class StudyConfig:
                          "unsharded call (everything is finished, so it only summarises) writes the summary and results.md")
     train: dict = opt_dict("TrainConfig options shared by every run (a domain's own `train:` adds to them)")
     eval: dict = opt_dict("EvalConfig options shared by every evaluation (a domain's own `eval:` adds to them)")
-    domains: dict = opt_dict("name -> sweep: corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, lrs, seeds, method_overrides, train, eval, sweep_dir, domain_metric")
+    domains: dict = opt_dict("name -> sweep: model (default: the study's), corpus, probes (or build: {dataset: pubmedqa, n_docs, seed}), methods, "
+                             "lrs, seeds, method_overrides, train, eval, sweep_dir, domain_metric, one_process (true: under --shard, "
+                             "shard 0 runs the whole domain and the others skip it, e.g. a model too large for two processes' memory)")
     continual: dict = opt_dict("corpus, probes, rounds, methods: {name: {method, lr, ...TrainConfig options}}, train, eval; empty = skip")
     stages: list = opt_list([], "order of the stages: domain names and `continual` (default: every domain, then continual)")
     domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
@@ -57,6 +59,16 @@ class StudyConfig:
             if not isinstance(domain, dict):
                 raise CtxDistillError(f"domains.{name} must be a mapping (corpus, probes, methods, lrs, ...)")
             self.sweep_config(name).validate()
+        from ..model_sources import FETCHED_MODELS, fetched_model_dir
+
+        for model in {self.model} | {d.get("model", self.model) for d in self.domains.values()}:
+            if model in FETCHED_MODELS:
+                fetched_model_dir(model)  # one line naming `ctxdistill fetch-model` now, not hours into the study
+        for name in self.domains:  # a sweep directory has one baseline: every domain writing there starts from one model
+            shared = {self.domains[d].get("model", self.model) for d in self.domains if self.sweep_dir(d) == self.sweep_dir(name)}
+            if len(shared) > 1:
+                raise CtxDistillError(f"domains writing to {self.sweep_dir(name)}/ name different models ({', '.join(sorted(shared))}); "
+                                      "give each model its own sweep_dir")
         self.stage_order()
         if self.continual:
             rounds = int(self.continual.get("rounds", 3))
@@ -85,6 +97,10 @@ class StudyConfig:
         if sorted(self.stages) != sorted(everything):
             raise CtxDistillError(f"stages {self.stages} must list each of {everything} once")
         return list(self.stages)
+
+    def one_process(self, name: str) -> bool:
+        """A domain every shard but shard 0 skips (`one_process: true`)."""
+        return bool(self.domains.get(name, {}).get("one_process"))
 
     def sweep_shard(self) -> tuple[int, int]:
         from .sweep import SweepConfig
@@ -122,14 +138,15 @@ class StudyConfig:
         domain = dict(self.domains[name])
         corpus, probes = self.domain_data(name)
         values = {
-            "out": str(Path(self.out) / self.sweep_dir(name)), "model": self.model, "corpus": corpus, "probes": probes,
+            "out": str(Path(self.out) / self.sweep_dir(name)), "model": domain.get("model", self.model), "corpus": corpus, "probes": probes,
             "methods": domain.get("methods", ["ft", "disc"]), "lrs": domain.get("lrs", [1e-5, 3e-5]), "seeds": domain.get("seeds", [1234]),
             "train": dict(self.train) | dict(domain.get("train", {})), "eval": dict(self.eval) | dict(domain.get("eval", {})),
             "method_overrides": {k: dict(v) for k, v in domain.get("method_overrides", {}).items()},
-            "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold, "shard": self.shard,
+            "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold,
+            "shard": "" if domain.get("one_process") else self.shard,
         }
-        unknown = set(domain) - {"corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides", "sweep_dir",
-                                 "domain_metric"}
+        unknown = set(domain) - {"model", "one_process", "corpus", "probes", "build", "methods", "lrs", "seeds", "train", "eval", "method_overrides",
+                                 "sweep_dir", "domain_metric"}
         if unknown:
             raise CtxDistillError(f"domains.{name}: unknown key(s) {', '.join(sorted(unknown))}")
         return build_config(SweepConfig, None, values)
@@ -339,6 +356,9 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True, config_path: s
     for stage in [] if cfg.summary_only else cfg.stage_order():
         if stage == "continual":
             timed("continual", lambda: run_continual(cfg, log=log, progress=progress))
+            continue
+        if cfg.one_process(stage) and shard != 0:
+            log(f"study: domain {stage} runs in shard 0 alone (one_process); shard {shard} skips it")
             continue
         log(f"study: domain {stage}")
         cfg.build_domain_data(stage, log=log)
