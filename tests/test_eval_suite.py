@@ -268,3 +268,32 @@ def test_decision_preset_sizes_come_from_the_power_calculation_on_the_committed_
         assert PRESETS["decision"][key] == rows[metric]["size"], metric
         assert rows[metric]["power_at_size"] >= 0.79, metric
     assert set(PRESETS["decision"]) == set(PRESETS["quick"])
+
+
+def test_reference_replies_can_come_late_from_a_function_called_only_by_the_drift_task(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """A sweep shard hands over a function that waits for shard 0's baseline: every other task scores first."""
+    from ctxdistill.evaluate.suite import EvalConfig, evaluate_model
+    from conftest import tiny_llama
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Question {i}?", "options": ["Ann", "Bob"], "answer": i % 2}) + "\n" for i in range(3)))
+    reference = tiny_llama(len(tokenizer), seed=1)
+    import ctxdistill.evaluate.probes as probes_module
+
+    seen, score = [], probes_module.score_mcq_loglik
+    monkeypatch.setattr(probes_module, "score_mcq_loglik", lambda *a, **k: seen.append("knowledge") or score(*a, **k))
+
+    def late_replies():
+        seen.append("replies")
+        return (["Say hi."], [tokenizer.encode("Hi there.", add_special_tokens=False)])
+
+    def cfg(out, tasks):
+        return EvalConfig(model="tiny", out=str(tmp_path / out), probes=str(probes), tasks=tasks, knowledge_parts="loglik", batch_size=4,
+                          reference="tiny-initial", fetch=False)
+
+    report = evaluate_model(tiny_model, tokenizer, cfg("eval", "knowledge,drift"), reference_model=reference, reference_responses=late_replies,
+                            log=lambda *_: None)
+    assert seen == ["knowledge", "replies"]  # called once, after the knowledge task
+    assert report["metrics"]["drift.chat_kl"]["n"] == 1  # and its replies are the ones scored
+    evaluate_model(tiny_model, tokenizer, cfg("no_drift", "knowledge"), reference_responses=late_replies, log=lambda *_: None)
+    assert seen == ["knowledge", "replies", "knowledge"]  # no drift task: never called, so never waited for

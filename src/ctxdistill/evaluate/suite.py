@@ -180,9 +180,12 @@ def _strip(result: dict) -> tuple[dict, list]:
     return result, predictions
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, reference_responses: tuple | None = None,
+def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, reference_responses=None,
                    run_info: dict | None = None, log=print) -> dict:
-    """Run the configured tasks on an in-memory model; write `cfg.out`/eval.json and return its content."""
+    """Run the configured tasks on an in-memory model; write `cfg.out`/eval.json and return its content.
+
+    `reference_responses`: (prompts, replies), or a function returning them (or None), called only when the
+    drift task runs, last: a sweep shard waiting for the baseline's replies scores every other task first."""
     from . import retention
     from .drift import document_kl, greedy_responses, load_chat_prompts, load_responses, response_drift, save_responses
     from ..generation.decoding import generation_model
@@ -304,6 +307,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         record("pubmedqa", result)
 
     if "drift" in tasks:
+        if callable(reference_responses):  # may wait for another process: not counted as drift's time
+            reference_responses = reference_responses()
         with timer("drift"):
             if reference_responses is None and cfg.reference_responses:
                 reference_responses = load_responses(Path(cfg.reference_responses))

@@ -172,7 +172,8 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
     baseline.evaluate_if_needed(tokenizer, log, label="sweep: ")
 
     def reference_responses():
-        """The other shards train their first run while shard 0 evaluates the baseline, and wait only here."""
+        """The other shards train and score their first run while shard 0 evaluates the baseline, and wait only
+        here, when that run's drift task (the last) needs the baseline's replies."""
         responses = baseline.responses(log)
         status["baseline"] = str(baseline.eval_path)
         write_json_atomic(status_path, status)
@@ -196,7 +197,7 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
                                        reference=cfg.model, corpus=cfg.corpus, text_field=train_cfg.text_field)
             log(f"sweep: [{i}/{len(plan)}] {name}: evaluating")
             return evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=baseline.model(),
-                                  reference_responses=reference_responses(), log=log,
+                                  reference_responses=reference_responses, log=log,
                                   run_info={"method": method, "name": name} | run_info(train_cfg, result))
 
         train_then_evaluate(train_cfg, evaluate, progress=progress, log=log)
