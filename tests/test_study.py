@@ -88,6 +88,15 @@ def test_each_domain_can_start_from_its_own_model_and_the_summary_names_it(tmp_p
     assert "Written by `ctxdistill study --config configs/two_models.yaml`" in results
 
 
+def test_one_device_option_reaches_every_run_and_evaluation(tmp_path, tiny_model_dir, corpus_file):
+    cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, device="cpu",
+                                            train={"max_steps": 1, "device": "cuda"}, eval={"device": "cuda"})))
+    sweep = cfg.sweep_config("news")
+    assert sweep.train_config("ft", 1e-3, 1).device == "cpu" and sweep.eval_config("baseline").device == "cpu"
+    unset = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, train={"max_steps": 1, "device": "cpu"})))
+    assert unset.sweep_config("news").train_config("ft", 1e-3, 1).device == "cpu"  # no study device: the train: one stays
+
+
 def test_study_runs_every_stage_resumes_and_rebuilds_results_from_the_summary(tmp_path, tiny_model_dir, corpus_file, monkeypatch, short_preset):
     quiet = dict(log=lambda *_: None, progress=False)
     cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file)))
@@ -188,6 +197,17 @@ def test_a_one_process_domain_runs_whole_in_shard_0_and_other_shards_skip_it(tmp
         run_study(cfg, log=lambda *_: None, progress=False)
     # shard 0: its half of `small`, then all of `large`; shard 1: its half of `small` only
     assert ran == [("small", "0/2", 1), ("large", "", 2), ("small", "1/2", 1)]
+
+
+def test_a_summary_is_never_replaced_by_one_with_fewer_evaluations(tmp_path, tiny_model_dir, corpus_file):
+    summary = tmp_path / "docs" / "results" / "study_summary.json"
+    summary.parent.mkdir(parents=True)
+    committed = json.dumps({"domains": {"news": {"baseline": {"metrics": {}}, "runs": [{"metrics": {}}] * 3}}})
+    summary.write_text(committed)
+    cfg = load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, summary_only=True, out=str(tmp_path / "empty"))))
+    with pytest.raises(CtxDistillError, match="holds 4 evaluations and the runs in .*empty only 0: not replacing it"):
+        run_study(cfg, log=lambda *_: None, progress=False)
+    assert summary.read_text() == committed and not (tmp_path / "docs" / "results.md").exists()
 
 
 def test_summary_only_reports_what_is_missing_and_trains_nothing(tmp_path, tiny_model_dir, corpus_file, monkeypatch):

@@ -31,6 +31,8 @@ class StudyConfig:
     out: str = opt("runs/study", "study directory: one sweep per domain, continual/, study_summary.json")
     model: str = opt(DEFAULT_MODEL, "the initial (post-trained) model every run starts from")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    device: str = opt("", "cpu, cuda, cuda:N or auto for every run and evaluation of the study (empty: the `train:`/`eval:` "
+                          "device, auto by default); the same study file runs on a CPU or a GPU machine")
     shard: str = opt("", "i/n: run every n-th run from the i-th in this process (see `ctxdistill sweep --shard`); afterwards one "
                          "unsharded call (everything is finished, so it only summarises) writes the summary and results.md")
     train: dict = opt_dict("TrainConfig options shared by every run (a domain's own `train:` adds to them)")
@@ -98,6 +100,10 @@ class StudyConfig:
             raise CtxDistillError(f"stages {self.stages} must list each of {everything} once")
         return list(self.stages)
 
+    def device_option(self) -> dict:
+        """{"device": ...} to merge over every run's and evaluation's options, or {} to leave theirs."""
+        return {"device": self.device} if self.device else {}
+
     def one_process(self, name: str) -> bool:
         """A domain every shard but shard 0 skips (`one_process: true`)."""
         return bool(self.domains.get(name, {}).get("one_process"))
@@ -140,7 +146,8 @@ class StudyConfig:
         values = {
             "out": str(Path(self.out) / self.sweep_dir(name)), "model": domain.get("model", self.model), "corpus": corpus, "probes": probes,
             "methods": domain.get("methods", ["ft", "disc"]), "lrs": domain.get("lrs", [1e-5, 3e-5]), "seeds": domain.get("seeds", [1234]),
-            "train": dict(self.train) | dict(domain.get("train", {})), "eval": dict(self.eval) | dict(domain.get("eval", {})),
+            "train": dict(self.train) | dict(domain.get("train", {})) | self.device_option(),
+            "eval": dict(self.eval) | dict(domain.get("eval", {})) | self.device_option(),
             "method_overrides": {k: dict(v) for k, v in domain.get("method_overrides", {}).items()},
             "threads": self.threads, "report": True, "cp_threshold": self.cp_threshold,
             "shard": "" if domain.get("one_process") else self.shard,
@@ -211,11 +218,11 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
     root = Path(cfg.out) / "continual"
     data = root / "data"
     write_json_atomic(root / "rounds.json", layout)
-    eval_values = dict(cfg.eval) | dict(spec.get("eval", {})) | {"probes": str(data / "probes.jsonl"), "overwrite": True}
+    eval_values = dict(cfg.eval) | dict(spec.get("eval", {})) | cfg.device_option() | {"probes": str(data / "probes.jsonl"), "overwrite": True}
     shard, shards = cfg.sweep_shard()
     tokenizer = load_tokenizer(cfg.model)
     baseline = Baseline(cfg.model, root / "baseline", build_config(EvalConfig, None, eval_values | {"out": str(root / "baseline"), "model": cfg.model}),
-                        resolve_device(dict(cfg.train).get("device", "auto")), shard)
+                        resolve_device((dict(cfg.train) | cfg.device_option()).get("device", "auto")), shard)
     baseline.evaluate_if_needed(tokenizer, log, label="study: continual: ")
 
     for name, options in list(spec["methods"].items())[shard::shards]:
@@ -227,7 +234,7 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
                 log(f"study: continual {name} round {r}: done already, skipped")
                 model_path = str(run_dir / "model")
                 continue
-            values = dict(cfg.train) | dict(spec.get("train", {})) | {k: v for k, v in options.items()}
+            values = dict(cfg.train) | dict(spec.get("train", {})) | {k: v for k, v in options.items()} | cfg.device_option()
             values |= {"method": options.get("method", name), "model": model_path, "corpus": str(data / f"round{r}.jsonl"),
                        "out": str(run_dir), "overwrite": True, "save_model": True}
             train_cfg = build_config(TrainConfig, None, values)
@@ -323,6 +330,28 @@ def unfinished(cfg: StudyConfig) -> list[str]:
     return missing
 
 
+def count_evaluations(summary: dict) -> int:
+    """Baselines, runs and continual rounds with an evaluation in a study summary."""
+    count = sum(bool(d.get("baseline")) + len(d.get("runs") or []) for d in (summary.get("domains") or {}).values())
+    cont = summary.get("continual") or {}
+    return count + bool(cont.get("baseline")) + sum(len(r) for r in (cont.get("methods") or {}).values())
+
+
+def refuse_shrinking(summary_path: Path, summary: dict, out: str) -> None:
+    """A summary already at `summary_path` holding more evaluations than the new one is someone's results (a
+    committed summary, say, while OUT is a fresh directory): never replaced by a smaller one."""
+    if not summary_path.is_file():
+        return
+    try:
+        before = count_evaluations(_read(summary_path))
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return  # not a summary we could read: written over, as before
+    after = count_evaluations(summary)
+    if after < before:
+        raise CtxDistillError(f"{summary_path} holds {before} evaluations and the runs in {out} only {after}: not replacing it; "
+                              "point --out at the study's runs, or --results-dir somewhere else")
+
+
 def run_study(cfg: StudyConfig, log=print, progress: bool = True, config_path: str = "configs/study.yaml") -> dict:
     """Every stage of `cfg` (skipping what is finished), then the summary and results.md; `config_path` is the
     file the results page names as its source."""
@@ -368,8 +397,9 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True, config_path: s
         return {"results": None, "shard": cfg.shard}
     summary = summarise(cfg)
     results = cfg.results_path()
-    (results / "results").mkdir(parents=True, exist_ok=True)
     summary_path = results / "results" / "study_summary.json"
+    refuse_shrinking(summary_path, summary, cfg.out)
+    (results / "results").mkdir(parents=True, exist_ok=True)
     write_text_atomic(summary_path, json.dumps(summary, default=_json_default) + "\n")
     log(f"study: summary -> {summary_path}")
     from .study_report import write_results
