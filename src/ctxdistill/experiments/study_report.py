@@ -31,7 +31,8 @@ HEADLINE_METHODS = ("disc", "ft", "disc_all", "ft_kl")
 HEADLINE_KEYS = ["ifeval.inst_strict", "ifeval.prompt_strict", "mmlu.accuracy", "nq_open.contains", "pubmedqa.accuracy",
                  "drift.chat_kl", "drift.doc_kl"]
 MATCHED_KEYS = ("ifeval.prompt_strict", "ifeval.inst_strict", "drift.chat_kl", "drift.chat_logprob", "nq_open.gold_logprob")
-MATCHED_PAIRS = (("disc", "ft"), ("disc_chat", "ft"), ("disc", "ft_kl"), ("disc_t1", "disc"))
+MATCHED_PAIRS = (("disc", "ft"), ("disc_chat", "ft"), ("disc", "ft_kl"), ("disc_t1", "disc"), ("sdft", "disc"), ("disc_chat", "disc"),
+                 ("sdft", "ft"))
 BOOTSTRAP = 1000
 NOT_CONTRASTIVE = ("**This domain score is an artefact.** The mean log-probability of the gold option is not contrastive: "
                    "p(yes) can rise without p(no) falling, so a model that only moves towards one answer raises it on "
@@ -207,7 +208,7 @@ def _boot_cell(key: str, summ: dict) -> str:
 
 
 PAIRED = (("disc", "ft"), ("disc_all", "ft"), ("disc", "ft_kl"), ("disc_chat", "disc"), ("disc_ctx", "disc"), ("disc_ctx_strict", "disc"),
-          ("disc_t1", "disc"), ("disc_ctx", "ft"), ("disc_ctx_strict", "ft"), ("disc_t1", "ft"))
+          ("disc_t1", "disc"), ("disc_ctx", "ft"), ("disc_ctx_strict", "ft"), ("disc_t1", "ft"), ("sdft", "disc"), ("sdft", "ft"))
 PAIRED_KEYS = ("knowledge.mcq_loglik", "knowledge.option_margin", "knowledge.gold_option_logprob", "ifeval.prompt_strict", "ifeval.inst_strict",
                "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl", "nq_open.gold_logprob", "gsm8k.gold_logprob", "mmlu.accuracy")
 
