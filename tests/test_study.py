@@ -331,3 +331,32 @@ def test_every_shipped_study_config_validates(monkeypatch):
     powered = load_study_config(str(root / "study_powered.yaml"))
     assert powered.primary["gain"] == 16 and powered.primary["bootstrap"] == 2000
     assert {powered.sweep_config(d).model for d in powered.domains} == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"}
+
+
+def test_results_count_the_shards_from_their_names_not_from_how_many_wrote_timings():
+    """A shard stopped in its first stage writes no timings file; the header still says two processes ran."""
+    from ctxdistill.experiments.study_report import shard_count
+    assert shard_count({"timings.shard1of2": {"domain:news_a": 60.0}}) == 2
+    assert shard_count({"timings.shard0of3": {}, "timings.shard2of3": {}}) == 3
+    assert shard_count({"timings": {"domain:news_a": 60.0}}) == 0
+
+
+def test_only_runs_the_named_stages_in_stage_order_and_keeps_both_processes_timings(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    """`--only` lets a second process take stages the first has not reached (same shard, other stages); the
+    timings file they share keeps both processes' stages."""
+    import ctxdistill.experiments.sweep as sweep_module
+
+    ran = []
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda sweep, **_: ran.append(sweep.out.rsplit("/", 1)[-1]))
+    domains = {name: {"corpus": str(corpus_file), "methods": ["ft"], "lrs": [1e-3]} for name in ("a", "b", "c")}
+
+    def study(only: str):
+        path = write_study(tmp_path, tiny_model_dir, corpus_file, continual={}, domains=domains, stages=["a", "b", "c"], shard="0/2", only=only)
+        return load_study_config(str(path))
+
+    run_study(study("c,a"), log=lambda *_: None, progress=False)
+    run_study(study("b"), log=lambda *_: None, progress=False)
+    assert ran == ["a", "c", "b"]
+    assert set(json.loads((tmp_path / "study" / "timings.shard0of2.json").read_text())) == {"domain:a", "domain:b", "domain:c"}
+    with pytest.raises(CtxDistillError, match="not a stage of this study; choose from a, b, c"):
+        study("a,z").validate()

@@ -42,6 +42,8 @@ class StudyConfig:
                              "shard 0 runs the whole domain and the others skip it, e.g. a model too large for two processes' memory)")
     continual: dict = opt_dict("corpus, probes, rounds, methods: {name: {method, lr, ...TrainConfig options}}, train, eval; empty = skip")
     stages: list = opt_list([], "order of the stages: domain names and `continual` (default: every domain, then continual)")
+    only: str = opt("", "comma-separated stages this process runs, in `stages` order (default: all); e.g. arm B's domains on a "
+                        "GPU machine first, or a second process on what the first has not reached")
     domain_metric: str = opt("knowledge.mcq_loglik", "the domain score the CP rule maximises and the plots put on the y axis")
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
     primary: dict = opt_dict("the pre-registered primary comparison, reported apart from the exploratory ones: "
@@ -71,7 +73,7 @@ class StudyConfig:
             if len(shared) > 1:
                 raise CtxDistillError(f"domains writing to {self.sweep_dir(name)}/ name different models ({', '.join(sorted(shared))}); "
                                       "give each model its own sweep_dir")
-        self.stage_order()
+        self.stages_to_run()
         if self.continual:
             rounds = int(self.continual.get("rounds", 3))
             if rounds < 2:
@@ -99,6 +101,18 @@ class StudyConfig:
         if sorted(self.stages) != sorted(everything):
             raise CtxDistillError(f"stages {self.stages} must list each of {everything} once")
         return list(self.stages)
+
+    def stages_to_run(self) -> list[str]:
+        """The stages this process runs: `stage_order()`, narrowed to `only` when given."""
+        order = self.stage_order()
+        if not self.only:
+            return order
+        chosen = [name.strip() for name in self.only.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in order]
+        if unknown or not chosen:
+            raise CtxDistillError(f"--only {self.only!r}: {', '.join(unknown) or 'no stage'} is not a stage of this study; "
+                                  f"choose from {', '.join(order)}")
+        return [name for name in order if name in chosen]
 
     def device_option(self) -> dict:
         """{"device": ...} to merge over every run's and evaluation's options, or {} to leave theirs."""
@@ -372,17 +386,18 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True, config_path: s
     out.mkdir(parents=True, exist_ok=True)
     shard, shards = cfg.sweep_shard()
     timings_path = out / ("timings.json" if shards == 1 else f"timings.shard{shard}of{shards}.json")
-    timings = _read(timings_path) if timings_path.is_file() else {}
 
     def timed(stage: str, fn):
         started = time.perf_counter()
         try:
             fn()
         finally:  # a stage stopped part-way (Ctrl-C, SIGTERM) still counts the time it ran
+            # re-read first: another process with the same shard (`--only` other stages) may have written since
+            timings = _read(timings_path) if timings_path.is_file() else {}
             timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 1)  # summed over resumed sessions
             write_json_atomic(timings_path, timings)
 
-    for stage in [] if cfg.summary_only else cfg.stage_order():
+    for stage in [] if cfg.summary_only else cfg.stages_to_run():
         if stage == "continual":
             timed("continual", lambda: run_continual(cfg, log=log, progress=progress))
             continue

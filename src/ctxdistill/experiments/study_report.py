@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -436,6 +437,14 @@ def continual_section(cont: dict, out: Path) -> list[str]:
     return lines
 
 
+def shard_count(timings: dict) -> int:
+    """How many `--shard i/N` processes ran, read from the N in their timing files' names (0: not sharded).
+
+    Counting the files instead undercounts: a shard stopped in its first stage never wrote one."""
+    counts = [int(m.group(1)) for name in timings if (m := re.search(r"shard\d+of(\d+)", name))]
+    return max(counts, default=0)
+
+
 def compute_account(summary: dict) -> list[str]:
     """What the evaluated runs cost, summed from their own records (model load, generation, training, evaluation):
     the study's time on one process, whatever sessions and processes it was actually spread over."""
@@ -474,12 +483,12 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
              f"Written by `ctxdistill study --config {config_path}` from `{summary_path}` "
              f"(rebuild without training: `{rebuild}`; the config supplies the primary comparison).", "",
              f"Machine: {env.get('machine', '?')} CPU, {env.get('threads', '?')} torch thread(s) per process"
-             + (f", {len([k for k in timings if '.shard' in k])} processes side by side (`--shard`)" if any(".shard" in k for k in timings) else "")
+             + (f", {shard_count(timings)} processes side by side (`--shard`)" if shard_count(timings) else "")
              + f", torch {env.get('torch', '?')}, CUDA {'yes' if env.get('cuda') else 'no'}.", ""]
     lines += compute_account(summary)
     if timings:
         lines += ["Stage wall times the processes recorded, summed over the sessions the study was resumed in (a session stopped "
-                  "part-way by a ctxdistill older than 2026-11-22 did not record its time): "
+                  "part-way by a ctxdistill older than 2026-11-22 did not record its time, nor did a process killed outright, e.g. with its machine): "
                   + "; ".join(f"{name}: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()) for name, stages in timings.items())
                   + ".", ""]
     missing = summary.get("not_finished") or []
