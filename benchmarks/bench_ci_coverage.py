@@ -8,7 +8,7 @@ the truth. A 95 % interval should cover in 93-97 % of studies (with 4000 studies
 coverage of 0.95 is 0.0035). The `normal` rows are the interval the report printed before (mean ± 1.96 SE);
 on the one-discordant-pair case it is expected to fail, and the check shows it does.
 
-Scenarios (the sizes of the study in docs/results.md):
+Scenarios (the sizes of the study in docs/study_v1/results.md):
 - binary_paired_n32: one seed, 32 pass/fail items (IFEval prompts), 20 % discordant; Tango's interval.
 - binary_1_discordant_n32: one seed, 32 items, one expected discordant pair (p10 = 1/32, p01 = 0).
 - binary_2_seeds_few_discordant: 2 seeds x 32 items, ~3.5 discordant pairs per seed whose rates vary by

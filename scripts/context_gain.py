@@ -1,7 +1,7 @@
 """How much does the context move the teacher on a corpus? DiSC's pull on the student, before training.
 
     python scripts/context_gain.py --corpus news=bundled:news_updates \\
-        --corpus pubmedqa=runs/study/data/pubmedqa/corpus.jsonl --out docs/results/context_gain.json
+        --corpus pubmedqa=runs/study/data/pubmedqa/corpus.jsonl --out docs/study_v1/results/context_gain.json
 
 DiSC distils, at every suffix position, the frozen model reading the preceding segments into the same
 model reading the suffix alone. At step 0 the student *is* that model, so the initial DiSC loss per

@@ -2,7 +2,7 @@
 
     python scripts/drift_tokens.py --responses runs/study/continual/baseline/reference_responses.jsonl \\
         --model disc=runs/study/continual/disc/round1/model --model ft=runs/study/continual/ft/round1/model \\
-        --out docs/results/drift_tokens.json
+        --out docs/study_v1/results/drift_tokens.json
 
 For each updated model: the mean KL per response token (fp32, full vocabulary, teacher-forced on the
 initial model's greedy replies), the share of the summed KL by position in the reply, on the end-of-turn

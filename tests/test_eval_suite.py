@@ -140,6 +140,20 @@ def test_generation_batches_match_single_prompts(tiny_model, tokenizer):
     assert all(len(r) == 3 for r in a)
 
 
+def test_generation_passes_the_kv_cache_under_the_name_this_transformers_takes(tiny_model, tokenizer):
+    """transformers 5.2x renamed `past_key_values` to `cache` and warns on the old name at every step: an
+    evaluation log of 541 IFEval prompts must not fill with that warning."""
+    import warnings
+
+    from ctxdistill.evaluate.probes import chat_prompt_ids
+    from ctxdistill.generation.decoding import Decoding, generate
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(tiny_model, tokenizer, [chat_prompt_ids(tokenizer, "hi")], Decoding(max_new_tokens=3))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_mcq_sampled_majority_vote_wiring(monkeypatch, tokenizer):
     """Votes are parsed per sample and a tie counts as wrong (generation faked)."""
     from ctxdistill.evaluate import probes as probes_mod

@@ -25,7 +25,7 @@ Presets (item counts; 0 in a `n_*` option means "the preset's", -1 means "all"):
 Log-likelihood and KL scoring run under bf16 autocast in `quick` and in fp32 in `full` (`--score-precision`).
 
 `decision` is sized by a power calculation on the existing study's per-item scores (`python -m
-ctxdistill.experiments.power docs/results/study_summary.json`, docs/evaluation.md): >= 80 % power for a
+ctxdistill.experiments.power docs/study_v1/results/study_summary.json`, docs/evaluation.md): >= 80 % power for a
 5-point paired IFEval prompt-level difference needs all 541 prompts. `full` runs every item at long
 generation lengths (a GPU budget); `quick` runs the whole suite on SmolLM2-135M on 2 CPU cores in under
 10 minutes, and its small subsets cannot tell close models apart: the report prints each change's
@@ -59,7 +59,7 @@ PRESETS = {
               "ifeval": 30, "ifeval_max_new_tokens": 160, "gsm8k": 15, "gsm8k_shots": 2, "gsm8k_max_new_tokens": 160,
               "humaneval": 12, "humaneval_max_new_tokens": 160, "nq_open": 60, "nq_shots": 3, "nq_max_new_tokens": 16,
               "mmlu": 100, "pubmedqa": 30, "chat_max_new_tokens": 48, "doc_max_length": 1024},
-    # sized by `python -m ctxdistill.experiments.power docs/results/study_summary.json` (docs/evaluation.md): >= 80 % power
+    # sized by `python -m ctxdistill.experiments.power docs/study_v1/results/study_summary.json` (docs/evaluation.md): >= 80 % power
     # for a 5-point paired difference on IFEval prompt-level (all 541), MMLU, PubMedQA, 0.05 nats on NQ gold log-probs,
     # 0.02 on GSM8K gold log-probs; generation lengths as in the study the calculation timed; about 1 h on one CPU thread
     "decision": {"probes_sampled": 24, "probes_max_new_tokens": 64, "probes_loglik": -1, "probes_short": -1, "score_precision": "bf16",

@@ -1,6 +1,6 @@
 """The `decision` preset's subset sizes, from a power calculation on an existing study's per-item scores.
 
-    python -m ctxdistill.experiments.power docs/results/study_summary.json
+    python -m ctxdistill.experiments.power docs/study_v1/results/study_summary.json
 
 For each task: the spread of the paired differences observed in the study, for the two comparisons a
 decision rests on: each run against the initial model (what the CP rules read) and DiSC against FT

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .sampling import left_pad, stop_token_ids
+from .sampling import cache_argument, left_pad, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,14 @@ def generate(model, tokenizer, prompts: list[list[int]], decoding: Decoding, bat
     rows.sort(key=lambda r: (-len(prompts[r[0]]), r[0], r[1]))
     results: list[list[Completion | None]] = [[None] * decoding.num_samples for _ in prompts]
     stop_tokens_tensor = torch.tensor(list(stops), device=device)
+    cache_arg = cache_argument(model)  # `cache` from transformers 5.2x (`past_key_values` warns there), else `past_key_values`
     for batch_index, first in enumerate(range(0, len(rows), batch_size)):
         batch = rows[first : first + batch_size]
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
         input_ids, attention = left_pad([prompts[i] for i, _ in batch], pad, device)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **{cache_arg: cache},
                     use_cache=True, logits_to_keep=1)
         alive = list(range(len(batch)))  # positions in `batch` of the rows still decoding
         generated: list[list[int]] = [[] for _ in batch]
@@ -125,7 +126,7 @@ def generate(model, tokenizer, prompts: list[list[int]], decoding: Decoding, bat
             attention = torch.cat([attention, attention.new_ones((len(alive), 1))], dim=-1)
             last_pos = last_pos + 1
             out = model(input_ids=next_tokens[:, None], attention_mask=attention, position_ids=last_pos[:, None],
-                        past_key_values=cache, use_cache=True)
+                        **{cache_arg: cache}, use_cache=True)
         for row, (i, s) in enumerate(batch):
             text = tokenizer.decode(generated[row], skip_special_tokens=True)
             text, hit = _cut_at_stop(text, decoding.stop)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime import autocast
-from .sampling import cut_at_stop, left_pad, positions_from_mask
+from .sampling import cache_argument, cut_at_stop, left_pad, positions_from_mask
 
 
 # -- sampling ---------------------------------------------------------------------------------------------
@@ -34,14 +34,6 @@ def sampled_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: fl
     cdf = probs.cumsum(-1)
     picked = torch.searchsorted(cdf, (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True)
     return order.gather(-1, picked.clamp(max=logits.shape[-1] - 1))[:, 0]
-
-
-def cache_argument(model) -> str:
-    """The forward argument that takes the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

@@ -206,3 +206,9 @@ def with_retries(
     return results
 
 
+def cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

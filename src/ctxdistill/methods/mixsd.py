@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generation.cache import GenerationCache, cache_dir
-from ..generation.sampling import GenerationStats, chat_ids, cut_at_stop, left_pad, positions_from_mask, stop_token_ids, with_retries
+from ..generation.sampling import GenerationStats, cache_argument, chat_ids, cut_at_stop, left_pad, positions_from_mask, stop_token_ids, with_retries
 from ..inputs.records import load_checked_records
 from .heads import head_ce_kl, mean_per_sequence_weights, sequence_batch
 from ..errors import CtxDistillError
@@ -142,13 +142,14 @@ def mixed_sample(
     n = len(naive_prompts)
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     sides = []
+    cache_arg = cache_argument(model)
     with autocast(device, precision):
         for prompts in (naive_prompts, expert_prompts):
             ids, mask = left_pad(prompts, pad_id, device)
             cache = DynamicCache(config=model.config)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), past_key_values=cache,
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), **{cache_arg: cache},
                         use_cache=True, logits_to_keep=1)
-            sides.append({"mask": mask, "cache": out.past_key_values, "next_pos": mask.sum(-1), "logits": out.logits[:, -1]})
+            sides.append({"mask": mask, "cache": cache, "next_pos": mask.sum(-1), "logits": out.logits[:, -1]})  # filled in place
         tokens = torch.zeros((n, 0), dtype=torch.long, device=device)
         from_naive = torch.zeros((n, 0), dtype=torch.bool, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -168,8 +169,8 @@ def mixed_sample(
             for side in sides:
                 side["mask"] = torch.cat([side["mask"], torch.ones((n, 1), dtype=side["mask"].dtype, device=device)], dim=1)
                 out = model(input_ids=nxt[:, None], attention_mask=side["mask"], position_ids=side["next_pos"][:, None],
-                            past_key_values=side["cache"], use_cache=True)
-                side["cache"], side["logits"] = out.past_key_values, out.logits[:, -1]
+                            **{cache_arg: side["cache"]}, use_cache=True)
+                side["logits"] = out.logits[:, -1]
                 side["next_pos"] = side["next_pos"] + 1
     results = []
     for row in range(n):
