@@ -7,8 +7,8 @@ a confirmatory arm; its runs are reported apart and never pooled. Two rules:
 - `lowest_lr_reaching`: the lowest learning rate at which every method gains at least a threshold (arm B:
   +10 points for both DiSC and FT).
 
-    python -m ctxdistill.experiments.pilots docs/powered/results/study_summary.json --domain pilot_sdft --bracket 16
-    python -m ctxdistill.experiments.pilots docs/powered/results/study_summary.json --domain pilot_qwen --all-reach 10
+    python -m ctxdistill.experiments.pilots docs/results/study_summary.json --domain pilot_sdft --bracket 16
+    python -m ctxdistill.experiments.pilots docs/results/study_summary.json --domain pilot_qwen --all-reach 10
 """
 
 from __future__ import annotations
