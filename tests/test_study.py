@@ -297,6 +297,19 @@ def test_matched_gain_bootstrap_resamples_seeds_so_seed_spread_widens_the_interv
     assert np.array_equal(a[("ft", 20.0)], b[("ft", 20.0)], equal_nan=True)
 
 
+def test_a_methods_matched_resamples_do_not_move_when_another_method_joins_the_table():
+    """Each (method, lr) cell draws its seeds from its own generator: adding `disc_chat` between `disc` and
+    `ft` (alphabetically) leaves FT's resamples, and so DiSC − FT, exactly as they were."""
+    from ctxdistill.experiments.study_report import matched_bootstrap
+
+    base = _run(0.2, 0.6, "initial", 0.0, 0, role="baseline")
+    cells = {m: {1e-4: [_run(0.4, 0.5 + 0.05 * s, m, 1e-4, s, shift=3 * s) for s in (1, 2, 3)]} for m in ("disc", "disc_chat", "ft")}
+    two = matched_bootstrap({m: cells[m] for m in ("disc", "ft")}, base, "knowledge.mcq_loglik", "ifeval.prompt_strict", [10.0], B=200)
+    three = matched_bootstrap(cells, base, "knowledge.mcq_loglik", "ifeval.prompt_strict", [10.0], B=200)
+    for method in ("disc", "ft"):
+        assert np.array_equal(two["values"][(method, 10.0)], three["values"][(method, 10.0)], equal_nan=True)
+
+
 def test_the_preregistered_primary_reads_the_matched_gain_and_states_the_decision():
     from ctxdistill.experiments.study_report import primary_lines
 

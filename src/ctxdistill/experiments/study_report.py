@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,12 @@ def _seed_level(runs: list[dict], arrays: list[list[np.ndarray]], rng: np.random
     return [np.stack(per_seed)[draws, cols].mean(axis=1) for per_seed in arrays]
 
 
+def cell_rng(seed: int, method: str, lr: float) -> np.random.Generator:
+    """The seed draws of one (method, lr) cell: keyed by the cell, so a method's interval does not move when
+    another method joins the table (one generator shared in table order would shift every later cell's draws)."""
+    return np.random.default_rng([seed + 1, zlib.crc32(f"{method}|{float(lr)!r}".encode())])
+
+
 def matched_bootstrap(groups: dict, base: dict, domain: str, key: str, gains: list[float], B: int = BOOTSTRAP,
                       seeds: bool = True, seed: int = 0) -> dict:
     """Each method's change in `key` where its learning-rate curve first reaches each domain gain, per
@@ -103,7 +110,6 @@ def matched_bootstrap(groups: dict, base: dict, domain: str, key: str, gains: li
     resampled too (two-level). Returns {"points": method -> [(domain, key)] (initial model first, means over
     seeds), "values": (method, gain) -> (B,) changes, "base": the initial value of `key`, "reason": why
     there are no resamples ("" when there are)}."""
-    rng = np.random.default_rng(seed + 1)
     evals = [base] + [r for by_lr in groups.values() for rs in by_lr.values() for r in rs]
     idx = _resamplers(evals, [domain, key], B, seed)
     base_key = base["metrics"].get(key, {"value": 0.0} if key in KL_KEYS else None)
@@ -126,7 +132,7 @@ def matched_bootstrap(groups: dict, base: dict, domain: str, key: str, gains: li
                 if any(x is None for x in bd + bm):
                     reason = stats.NO_ITEMS
                 else:
-                    d_b, m_b = _seed_level(runs, [bd, bm], rng) if seeds else (np.mean(bd, axis=0), np.mean(bm, axis=0))
+                    d_b, m_b = _seed_level(runs, [bd, bm], cell_rng(seed, method, lr)) if seeds else (np.mean(bd, axis=0), np.mean(bm, axis=0))
                     boot_d.append(d_b)
                     boot_m.append(m_b)
         points[method] = pts
