@@ -69,10 +69,12 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
     assert calls == [str(out / "runs" / "ft_lr0.001_s7")]
 
 
-def test_a_later_shard_trains_before_it_waits_for_the_baseline(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
-    """Shard 0 evaluates the initial model; shard 1 uses that time to train, and waits only before evaluating."""
+def test_a_later_shard_trains_before_it_needs_the_baseline_and_waits_while_shard_0_evaluates_it(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    """Shard 0 evaluates the initial model; shard 1 uses that time to train, and meets the baseline only
+    before its first drift score: while shard 0 holds the baseline's lock, it waits and evaluates nothing."""
     import ctxdistill.experiments.runner as runner
     import ctxdistill.training
+    from ctxdistill.files import OutputLock
 
     events = []
     real_train = ctxdistill.training.train
@@ -84,14 +86,34 @@ def test_a_later_shard_trains_before_it_waits_for_the_baseline(tmp_path, tiny_mo
         events.append("train")
         return real_train(*args, **kwargs)
 
-    def wait_for(path, log=print):
+    def sleep(seconds):
         events.append("wait")
         raise Stop
 
     monkeypatch.setattr(ctxdistill.training, "train", train)
-    monkeypatch.setattr(runner, "wait_for", wait_for)
+    monkeypatch.setattr(runner.time, "sleep", sleep)
     cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, shard="1/2")))
-    with pytest.raises(Stop):
-        run_sweep(cfg, log=lambda *_: None, progress=False)
+    with OutputLock(tmp_path / "sweep" / "baseline", "baseline directory"):  # "shard 0", evaluating it now
+        with pytest.raises(Stop):
+            run_sweep(cfg, log=lambda *_: None, progress=False)
     assert events == ["train", "wait"]
-    assert not (tmp_path / "sweep" / "baseline" / "eval.json").exists()  # only shard 0 evaluates the initial model
+    assert not (tmp_path / "sweep" / "baseline" / "eval.json").exists()
+
+
+def test_a_later_shard_evaluates_the_baseline_itself_when_no_process_is(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    """Shard 0 busy elsewhere (a one_process domain), stopped or never started: shard 1 does not idle for
+    hours; it evaluates the initial model itself once its first run needs the reference replies."""
+    import ctxdistill.experiments.runner as runner
+
+    monkeypatch.setattr(runner.time, "sleep", lambda s: (_ for _ in ()).throw(AssertionError("waited with nobody evaluating")))
+    logs = []
+    cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, shard="1/2")))
+    run_sweep(cfg, log=logs.append, progress=False)
+    out = tmp_path / "sweep"
+    assert json.loads((out / "baseline" / "eval.json").read_text())["role"] == "baseline"
+    assert (out / "baseline" / "reference_responses.jsonl").is_file() and not (out / "baseline" / ".ctxdistill.lock").exists()
+    first_eval = next(i for i, line in enumerate(logs) if "evaluating the initial model" in line)
+    assert any("training" in line for line in logs[:first_eval])  # trained its first run before
+    assert all((out / "runs" / name / "eval.json").is_file() for name in json.loads((out / "sweep.shard1of2.json").read_text())["runs"])
+
+

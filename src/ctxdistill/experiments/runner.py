@@ -1,7 +1,7 @@
 """The one train-then-evaluate runner behind sweeps, study stages, continual rounds and the demo.
 
 `Baseline` is the initial model: evaluated once per experiment directory (by shard 0 when several
-processes share it), loaded once per process, and its greedy chat replies are the reference every
+processes share it, or by the first shard that needs it while nobody else is evaluating it), loaded once per process, and its greedy chat replies are the reference every
 run's drift is measured against. `train_then_evaluate` trains one run, scores the model in memory
 against that baseline and frees it, so a long sweep holds at most one trained model at a time.
 """
@@ -15,24 +15,13 @@ from pathlib import Path
 from ..errors import CtxDistillError
 
 
-def wait_for(path: Path, log=print, poll_s: float = 10.0, timeout_s: float = 3 * 3600) -> None:
-    """Block until another process (shard 0) has written `path`."""
-    waited = 0.0
-    while not path.is_file():
-        if waited == 0:
-            log(f"waiting for {path} (written by shard 0)")
-        if waited >= timeout_s:
-            raise CtxDistillError(f"{path} did not appear in {timeout_s / 3600:g} h; is shard 0 running?")
-        time.sleep(poll_s)
-        waited += poll_s
-
-
 class Baseline:
     """The initial model of an experiment, its evaluation in `directory`/eval.json and its chat replies."""
 
     def __init__(self, model: str, directory: Path, eval_cfg, device, shard: int = 0):
         self.model_name, self.directory, self.eval_cfg, self.device, self.shard = model, Path(directory), eval_cfg, device, shard
         self._model = None
+        self.tokenizer, self.label = None, ""  # set by evaluate_if_needed, before any wait
         self._responses: tuple | None = None
         self._loaded_responses = False
 
@@ -51,21 +40,50 @@ class Baseline:
         return self._model
 
     def evaluate_if_needed(self, tokenizer, log=print, label: str = "") -> None:
-        """Shard 0 evaluates the initial model once; other shards go on training and wait only in `responses`."""
-        from ..evaluate.suite import evaluate_model
-
+        """Shard 0 evaluates the initial model once; other shards go on training and meet it in `responses`."""
+        self.tokenizer, self.label = tokenizer, label
         if self.eval_path.is_file():
             log(f"{label}baseline already evaluated")
         elif self.shard == 0:
-            log(f"{label}evaluating the initial model {self.model_name} (baseline)")
-            evaluate_model(self.model(), tokenizer, self.eval_cfg, run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
+            self._evaluate_unless_locked(log)
+
+    def _evaluate_unless_locked(self, log) -> bool:
+        """Evaluate the initial model here unless another process holds the baseline directory's lock (it is
+        evaluating it); False when it does. The kernel drops a dead holder's lock, so nobody waits on a corpse."""
+        from ..evaluate.suite import evaluate_model
+        from ..files import OutputLock
+
+        try:
+            lock = OutputLock(self.directory, "baseline directory").acquire()
+        except CtxDistillError:
+            return False
+        try:
+            if not self.eval_path.is_file():  # another process may have finished it between our look and the lock
+                log(f"{self.label}evaluating the initial model {self.model_name} (baseline)")
+                evaluate_model(self.model(), self.tokenizer, self.eval_cfg, run_info={"method": "initial", "lr": 0.0, "seed": None}, log=log)
+        finally:
+            lock.release()
+        return True
+
+    def wait_or_evaluate(self, log=print, poll_s: float = 10.0) -> None:
+        """Return once the baseline's eval.json exists. A shard that needs it waits while another process
+        evaluates it, and evaluates it itself when nobody does (shard 0 busy with a `one_process` domain,
+        stopped, or never started), instead of idling."""
+        waiting = False
+        while not self.eval_path.is_file():
+            if self._evaluate_unless_locked(log):
+                return
+            if not waiting:
+                log(f"waiting for {self.eval_path} (another process is evaluating the initial model)")
+                waiting = True
+            time.sleep(poll_s)
 
     def responses(self, log=print) -> tuple | None:
-        """The initial model's greedy chat replies, once its evaluation exists (written by shard 0)."""
+        """The initial model's greedy chat replies, once its evaluation exists."""
         from ..evaluate.drift import load_responses
 
         if not self._loaded_responses:
-            wait_for(self.eval_path, log)
+            self.wait_or_evaluate(log)
             path = self.directory / "reference_responses.jsonl"
             self._responses = load_responses(path) if path.is_file() else None
             self._loaded_responses = True

@@ -45,7 +45,8 @@ class SweepConfig:
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
     threads: int = opt(0, "CPU threads for torch during training and evaluation (0 = torch's default; 1 on a busy shared CPU)")
     shard: str = opt("", "i/n: this process runs every n-th run of the plan from the i-th (0-based); start n processes with "
-                         "i = 0..n-1 on the same `out` (shard 0 evaluates the baseline, the others wait for it)")
+                         "i = 0..n-1 on the same `out` (shard 0 evaluates the baseline while the others train; a shard that needs it "
+                         "while nobody is evaluating it evaluates it itself)")
 
     def validate(self) -> "SweepConfig":
         from ..config import METHOD_NAMES
