@@ -1,8 +1,8 @@
 """The one train-then-evaluate runner behind sweeps, study stages, continual rounds and the demo.
 
 `Baseline` is the initial model: evaluated once per experiment directory (by shard 0 when several
-processes share it, or by the first shard that needs it while nobody else is evaluating it), loaded once per process, and its greedy chat replies are the reference every
-run's drift is measured against. `train_then_evaluate` trains one run, scores the model in memory
+processes share it, or by the first shard that needs it while no process is evaluating it), loaded once
+per process, and its greedy chat replies are the reference every run's drift is measured against. `train_then_evaluate` trains one run, scores the model in memory
 against that baseline and frees it, so a long sweep holds at most one trained model at a time.
 """
 
