@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -117,3 +118,20 @@ def test_a_later_shard_evaluates_the_baseline_itself_when_no_process_is(tmp_path
     assert all((out / "runs" / name / "eval.json").is_file() for name in json.loads((out / "sweep.shard1of2.json").read_text())["runs"])
 
 
+
+
+def test_a_run_another_process_is_training_is_skipped_not_fought_over(tmp_path, tiny_model_dir, corpus_file):
+    """Two processes on the same runs (a second process given another process's shard with `--only`): the
+    second leaves a run whose output lock a live process holds, trains the rest, and says which it left."""
+    from ctxdistill.files import OutputLock, lock_holder
+
+    cfg = load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file)))
+    busy = tmp_path / "sweep" / "runs" / "ft_lr0.001_s7"
+    logs = []
+    with OutputLock(busy, "output directory"):
+        assert lock_holder(busy) == str(os.getpid())
+        status = run_sweep(cfg, log=logs.append, progress=False)
+    assert lock_holder(busy) is None  # released, and a dead holder's lock never counts
+    assert status["runs"]["ft_lr0.001_s7"] == f"skipped (process {os.getpid()} was running it)"
+    assert status["runs"]["disc_lr0.001_s7"] == "finished" and not (busy / "eval.json").exists()
+    assert any("ft_lr0.001_s7: process" in line and "skipped" in line for line in logs)

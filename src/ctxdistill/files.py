@@ -146,6 +146,22 @@ def atomic_directory(final: Path, what: str, keep: str = "nothing else was chang
 # -- output locks ---------------------------------------------------------------------------------------
 
 
+def lock_holder(directory: Path) -> str | None:
+    """The PID holding `directory`'s output lock, or None when no live process holds it (a look, not a lock:
+    a process may take it right after; the writer's own `OutputLock` still refuses a second writer)."""
+    path = Path(directory) / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 class OutputLock:
     """An exclusive lock on an output directory, held for the life of the process (or the `with`).
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import CtxDistillError
-from ..files import write_json_atomic
+from ..files import lock_holder, write_json_atomic
 from ..models import DEFAULT_MODEL
 from ..options import build_config, opt, opt_dict, opt_list, to_dict
 
@@ -189,6 +189,11 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
         if _finished(run_dir, method, lr, seed):
             log(f"sweep: [{i}/{len(plan)}] {name}: done already, skipped")
             status["runs"][name] = "skipped (finished earlier)"
+            continue
+        holder = lock_holder(run_dir)
+        if holder:  # another process (e.g. a second process on the same shard) is training it: leave it to that one
+            log(f"sweep: [{i}/{len(plan)}] {name}: process {holder} is running it, skipped (run the sweep again to pick up what it leaves)")
+            status["runs"][name] = f"skipped (process {holder} was running it)"
             continue
         log(f"sweep: [{i}/{len(plan)}] {name}: training")
         train_cfg = cfg.train_config(method, lr, seed)
