@@ -273,7 +273,7 @@ def test_decision_preset_sizes_come_from_the_power_calculation_on_the_committed_
     from ctxdistill.experiments.power import decision_sizes
     from ctxdistill.evaluate.suite import PRESETS
 
-    summary = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "study_summary.json").read_text())
+    summary = json.loads((Path(__file__).resolve().parents[1] / "docs" / "study_v1" / "results" / "study_summary.json").read_text())
     rows = {r["metric"]: r for r in decision_sizes(summary)}
     ifeval = rows["ifeval.prompt_strict"]
     assert ifeval["required"] > 541 and ifeval["size"] == 541 and PRESETS["decision"]["ifeval"] == -1  # all prompts
