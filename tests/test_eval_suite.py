@@ -284,8 +284,9 @@ def test_decision_preset_sizes_come_from_the_power_calculation_on_the_committed_
     assert set(PRESETS["decision"]) == set(PRESETS["quick"])
 
 
-def test_reference_replies_can_come_late_from_a_function_called_only_by_the_drift_task(tmp_path, tiny_model, tokenizer, monkeypatch):
-    """A sweep shard hands over a function that waits for shard 0's baseline: every other task scores first."""
+def test_reference_replies_and_model_can_come_late_from_functions_called_only_by_the_tasks_that_need_them(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """A sweep shard hands over a function that waits for shard 0's baseline: every other task scores first.
+    The initial model comes the same way, so an evaluation without drift never loads it (2 GB for a 0.5B model)."""
     from ctxdistill.evaluate.suite import EvalConfig, evaluate_model
     from conftest import tiny_llama
 
@@ -305,9 +306,14 @@ def test_reference_replies_can_come_late_from_a_function_called_only_by_the_drif
         return EvalConfig(model="tiny", out=str(tmp_path / out), probes=str(probes), tasks=tasks, knowledge_parts="loglik", batch_size=4,
                           reference="tiny-initial", fetch=False)
 
-    report = evaluate_model(tiny_model, tokenizer, cfg("eval", "knowledge,drift"), reference_model=reference, reference_responses=late_replies,
+    def late_reference():
+        seen.append("reference")
+        return reference
+
+    report = evaluate_model(tiny_model, tokenizer, cfg("eval", "knowledge,drift"), reference_model=late_reference, reference_responses=late_replies,
                             log=lambda *_: None)
-    assert seen == ["knowledge", "replies"]  # called once, after the knowledge task
-    assert report["metrics"]["drift.chat_kl"]["n"] == 1  # and its replies are the ones scored
-    evaluate_model(tiny_model, tokenizer, cfg("no_drift", "knowledge"), reference_responses=late_replies, log=lambda *_: None)
-    assert seen == ["knowledge", "replies", "knowledge"]  # no drift task: never called, so never waited for
+    assert seen == ["knowledge", "replies", "reference"]  # each called once, after the knowledge task
+    assert report["metrics"]["drift.chat_kl"]["n"] == 1 and report["role"] == "updated"  # its replies scored against it
+    evaluate_model(tiny_model, tokenizer, cfg("no_drift", "knowledge"), reference_model=late_reference, reference_responses=late_replies,
+                   log=lambda *_: None)
+    assert seen == ["knowledge", "replies", "reference", "knowledge"]  # no drift task: neither called, never waited for nor loaded

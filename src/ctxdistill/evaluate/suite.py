@@ -185,7 +185,9 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
     """Run the configured tasks on an in-memory model; write `cfg.out`/eval.json and return its content.
 
     `reference_responses`: (prompts, replies), or a function returning them (or None), called only when the
-    drift task runs, last: a sweep shard waiting for the baseline's replies scores every other task first."""
+    drift task runs, last: a sweep shard waiting for the baseline's replies scores every other task first.
+    `reference_model`: the initial model, or a function returning it, called only by the tasks that compare
+    against it (drift, doc_kl): an evaluation of knowledge alone never loads a second model."""
     from . import retention
     from .drift import document_kl, greedy_responses, load_chat_prompts, load_responses, response_drift, save_responses
     from ..generation.decoding import generation_model
@@ -306,6 +308,12 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
             result = retention.run_pubmedqa(model, tokenizer, _n(preset["pubmedqa"]), bs, seed, data_dir, scoring, log=log)
         record("pubmedqa", result)
 
+    def reference() -> torch.nn.Module | None:
+        nonlocal reference_model
+        if callable(reference_model) and not isinstance(reference_model, torch.nn.Module):
+            reference_model = reference_model()
+        return reference_model
+
     if "drift" in tasks:
         if callable(reference_responses):  # may wait for another process: not counted as drift's time
             reference_responses = reference_responses()
@@ -314,13 +322,13 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
                 reference_responses = load_responses(Path(cfg.reference_responses))
             if reference_responses is None:
                 prompts = load_chat_prompts(cfg.chat_prompts or None)
-                ref_gen = generation_model(reference_model, cfg.gen_dtype) if reference_model is not None else gen_model
+                ref_gen = generation_model(reference(), cfg.gen_dtype) if reference() is not None else gen_model
                 responses = greedy_responses(ref_gen, tokenizer, prompts, preset["chat_max_new_tokens"], bs)
                 del ref_gen
                 reference_responses = (prompts, responses)
             prompts, responses = reference_responses
             save_responses(out / "reference_responses.jsonl", prompts, responses, tokenizer)
-            drift = response_drift(reference_model, model, tokenizer, prompts, responses, max(1, bs // 2), scoring)
+            drift = response_drift(reference(), model, tokenizer, prompts, responses, max(1, bs // 2), scoring)
             result = {"metrics": {"chat_logprob": drift["logprob"],
                                   "chat_kl": drift.get("kl", {"value": 0.0, "stderr": 0.0, "n": drift["n_prompts"]})},
                       "item_scores": {"chat_logprob": drift["item_scores"]["logprob"]} | ({"chat_kl": drift["item_scores"]["kl"]} if "kl" in drift else {}),
@@ -337,7 +345,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
 
             documents, _ = load_corpus(cfg.corpus, cfg.text_field)
             documents = [r["doc"] for r in seeded_subset([{"id": d.id, "doc": d} for d in documents], max(cfg.doc_kl_docs, 0), seed)]
-            kl = document_kl(reference_model, model, tokenizer, [d.text for d in documents], preset["doc_max_length"], scoring)
+            kl = document_kl(reference(), model, tokenizer, [d.text for d in documents], preset["doc_max_length"], scoring)
             result = {"metrics": {"doc_kl": {k: kl[k] for k in ("value", "stderr", "n")}, "doc_kl_bits": {"value": kl["bits_per_token"], "stderr": kl["stderr"] / math.log(2), "n": kl["n"]}},
                       "ids": [d.id for d in documents],
                       "item_scores": {"doc_kl": kl["item_scores"], "doc_kl_bits": [v / math.log(2) for v in kl["item_scores"]]},

@@ -257,7 +257,7 @@ def run_continual(cfg: StudyConfig, log=print, progress: bool = True) -> None:
             def evaluate(result):
                 eval_cfg = build_config(EvalConfig, None, eval_values | {"out": str(run_dir), "model": str(run_dir / "model"),
                                                                           "reference": cfg.model, "corpus": str(data / f"round{r}.jsonl")})
-                return evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=baseline.model(),
+                return evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=baseline.model,
                                       reference_responses=lambda: baseline.responses(log), log=log,
                                       run_info={"method": name, "round": r, "name": f"{name}_round{r}"} | run_info(train_cfg, result))
 

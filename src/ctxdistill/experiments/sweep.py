@@ -202,7 +202,7 @@ def run_sweep(cfg: SweepConfig, log=print, progress: bool = True) -> dict:
             eval_cfg = cfg.eval_config(name, model=str(run_dir / "model") if cfg.save_models else name, out=str(run_dir),
                                        reference=cfg.model, corpus=cfg.corpus, text_field=train_cfg.text_field)
             log(f"sweep: [{i}/{len(plan)}] {name}: evaluating")
-            return evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=baseline.model(),
+            return evaluate_model(result.model, result.tokenizer, eval_cfg, reference_model=baseline.model,
                                   reference_responses=reference_responses, log=log,
                                   run_info={"method": method, "name": name} | run_info(train_cfg, result))
 
