@@ -259,6 +259,12 @@ def test_matched_gain_table_bootstraps_items_and_reports_the_reach():
     assert ft_row.startswith("| ft | +0.2000 [") and "%)" in ft_row
     assert "| **disc − ft** | -0.1000 [" in text and "family of 1 test)" in text
     assert "Both curves reach the gain in: **disc − ft**" in text
+    # a method whose evaluations skipped the task is "not measured", never a curve that "did not reach" the gain
+    unmeasured = ev(0.5, 0.0, "sdft", 1e-4)
+    for part in ("metrics", "item_scores"):
+        unmeasured[part].pop("drift.chat_kl")
+    text = "\n".join(matched_table(groups | {"sdft": {1e-4: [unmeasured]}}, base, "knowledge.mcq_loglik", "drift.chat_kl", [20.0], B=200))
+    assert "| sdft |" not in text and "**sdft − " not in text and "Not measured for sdft" in text
 
 
 def _run(acc: float, ifeval: float, method: str, lr: float, seed: int, n: int = 60, role: str = "updated", shift: int = 0):

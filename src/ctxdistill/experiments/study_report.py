@@ -160,6 +160,9 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
     of resamples that reach the gain; then the difference between method pairs (one Holm family)."""
     s_dom, s_key = scale(domain), scale(key)
     unit = "pts" if s_dom == 100 else METRICS.get(domain, ("", "nats"))[1]
+    measured = {m: by_lr for m, by_lr in groups.items() if any(key in r.get("metrics", {}) for rs in by_lr.values() for r in rs)}
+    unmeasured = sorted(set(groups) - set(measured))  # their evaluations skipped the task: "not measured", not "not reached"
+    groups = measured
     boot = matched_bootstrap(groups, base, domain, key, gains, B, seeds)
     if boot["base"] is None:
         return []
@@ -189,7 +192,8 @@ def matched_table(groups: dict, base: dict, domain: str, key: str, gains: list[f
                 cells[-1].notes.append(f"{summ['reach'] * 100:.0f} %")
         table.rows.append(cells)
     lines = table.lines(note=f"Joint bootstrap over items{' and seeds (two-level)' if seeds else ''} ({B} resamples); in brackets "
-                             "the share of resamples in which the curve reaches the gain (the interval is over those).")
+                             "the share of resamples in which the curve reaches the gain (the interval is over those)."
+                             + (f" Not measured for {', '.join(unmeasured)} (their evaluations did not run this task)." if unmeasured else ""))
     # the reach of difference rows, appended to their cells
     out = []
     for line in lines:
