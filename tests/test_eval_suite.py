@@ -286,7 +286,7 @@ def test_decision_preset_sizes_come_from_the_power_calculation_on_the_committed_
 
 def test_reference_replies_and_model_can_come_late_from_functions_called_only_by_the_tasks_that_need_them(tmp_path, tiny_model, tokenizer, monkeypatch):
     """A sweep shard hands over a function that waits for shard 0's baseline: every other task scores first.
-    The initial model comes the same way, so an evaluation without drift never loads it (2 GB for a 0.5B model)."""
+    The initial model comes the same way, so an evaluation without drift never loads it."""
     from ctxdistill.evaluate.suite import EvalConfig, evaluate_model
     from conftest import tiny_llama
 

@@ -156,7 +156,7 @@ def test_threads_sets_torch_threads_for_the_run(tiny_model_dir, corpus_file, tmp
 @pytest.mark.parametrize("method", ["ft", "disc"])
 def test_the_trainer_is_freed_when_train_returns(method, tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     """Its optimizer state, gradients and frozen teacher must not live on into what the caller does next (a
-    sweep evaluates the returned model right away; a full fine-tune of a 0.5B model held 6 GB more there)."""
+    sweep evaluates the returned model right away, and a full fine-tune's optimizer state is the largest thing in memory)."""
     import weakref
 
     from ctxdistill.training import loop

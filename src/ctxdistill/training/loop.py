@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
         raise
     trainer.close()
     # The trainer sits in reference cycles, so without a collection its optimizer state, gradients and frozen
-    # teacher outlive it, into the evaluation a sweep runs next (+6 GB for a full fine-tune of a 0.5B model).
+    # teacher outlive it, into the evaluation a sweep runs next (gigabytes for a full fine-tune of a 0.5B model).
     del trainer
     gc.collect()
     return result
