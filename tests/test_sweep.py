@@ -70,6 +70,21 @@ def test_sweep_trains_evaluates_resumes_and_reports(tmp_path, tiny_model_dir, co
     assert calls == [str(out / "runs" / "ft_lr0.001_s7")]
 
 
+def test_each_run_hands_its_memory_back_before_the_next_trains(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    """One process trains and evaluates run after run; what a finished run freed must leave the process before the
+    next run's optimizer state arrives (a Qwen2.5-0.5B sweep otherwise grew by gigabytes per run)."""
+    import ctxdistill.training
+    from ctxdistill.experiments import runner
+
+    events = []
+    train = ctxdistill.training.train
+    monkeypatch.setattr(ctxdistill.training, "train", lambda cfg, **kw: (events.append(f"train {cfg.method}"), train(cfg, **kw))[1])
+    monkeypatch.setattr(runner, "release_memory", lambda: events.append("release"))
+    run_sweep(load_sweep_config(str(write_config(tmp_path, tiny_model_dir, corpus_file, eval={"tasks": "knowledge", "n_probes": 2}))),
+              log=lambda *_: None, progress=False)
+    assert events == ["train ft", "release", "train disc", "release"]
+
+
 def test_a_later_shard_trains_before_it_needs_the_baseline_and_waits_while_shard_0_evaluates_it(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
     """Shard 0 evaluates the initial model; shard 1 uses that time to train, and meets the baseline only
     before its first drift score: while shard 0 holds the baseline's lock, it waits and evaluates nothing."""

@@ -35,7 +35,6 @@ interval and each table's minimum detectable difference.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import math
@@ -50,7 +49,7 @@ from ..errors import CtxDistillError
 from ..files import write_text_atomic
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 from ..options import opt
-from ..runtime import PhaseTimer, versions
+from ..runtime import PhaseTimer, release_memory, versions
 
 TASKS = ("knowledge", "ifeval", "gsm8k", "humaneval", "nq_open", "mmlu", "pubmedqa", "drift", "doc_kl")
 
@@ -362,7 +361,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference_model=None, refe
         record("lm_eval", result)
 
     del gen_model
-    gc.collect()
+    release_memory()
     total = time.perf_counter() - started
     report = {
         "schema": "ctxdistill.eval/1",

@@ -8,11 +8,11 @@ against that baseline and frees it, so a long sweep holds at most one trained mo
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 
 from ..errors import CtxDistillError
+from ..runtime import release_memory
 
 
 class Baseline:
@@ -102,7 +102,7 @@ def train_then_evaluate(train_cfg, evaluate, progress: bool = True, log=print) -
         return evaluate(result)
     finally:
         del result
-        gc.collect()
+        release_memory()
 
 
 def run_info(train_cfg, result, **extra) -> dict:

@@ -22,7 +22,6 @@ The same loop runs in one process (`ctxdistill train`, the Python API) and in se
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import random
 import time
@@ -37,7 +36,7 @@ from ..errors import CtxDistillError, TrainingInterrupted
 from ..files import fingerprint
 from ..methods import Method, PrepareContext, get_method
 from ..models import apply_lora, choose_attention, load_model, load_tokenizer
-from ..runtime import autocast, launched_world_size, set_threads, versions
+from ..runtime import autocast, launched_world_size, release_memory, set_threads, versions
 from ..teachers import Teacher, build_teacher
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -102,7 +101,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     # The trainer sits in reference cycles, so without a collection its optimizer state, gradients and frozen
     # teacher outlive it, into the evaluation a sweep runs next (gigabytes for a full fine-tune of a 0.5B model).
     del trainer
-    gc.collect()
+    release_memory()
     return result
 
 
