@@ -338,6 +338,21 @@ def test_the_preregistered_primary_reads_the_matched_gain_and_states_the_decisio
     assert "lr 0.0001" in at_lr and "Designated in the study config after this study was run" in at_lr
 
 
+def test_only_the_preregistered_columns_of_a_paired_table_are_labelled_so(tmp_path, tiny_model_dir, corpus_file):
+    """The plan registers some A − B comparisons (e.g. arm B's DiSC − FT on IFEval and chat KL); the report says
+    which columns those are and leaves every other pair and column exploratory."""
+    from ctxdistill.experiments.study_report import paired_section
+
+    groups = {m: {1e-4: [_run(0.4, 0.5 + 0.05 * s, m, 1e-4, s, shift=s) for s in (1, 2)]} for m in ("disc", "ft", "disc_chat")}
+    text = "\n".join(paired_section(groups, registered={("disc", "ft"): ["ifeval.prompt_strict"]}))
+    assert "**disc − ft**, same learning rate and seed, paired over the same items (pre-registered secondary endpoint for " \
+           "IFEval prompt strict; the other columns exploratory):" in text
+    assert "**disc_chat − disc**, same learning rate and seed, paired over the same items (exploratory):" in text
+    assert "### Method against method, item by item (exploratory)" in "\n".join(paired_section(groups))
+    with pytest.raises(CtxDistillError, match="secondary entry .* needs domain \\(one of news\\), a and b"):
+        load_study_config(str(write_study(tmp_path, tiny_model_dir, corpus_file, secondary=[{"domain": "elsewhere", "a": "disc", "b": "ft"}]))).validate()
+
+
 def test_every_shipped_study_config_validates(monkeypatch):
     """configs/*.yaml are what the docs tell users to run: each must load and validate as it is."""
     from pathlib import Path
@@ -349,6 +364,7 @@ def test_every_shipped_study_config_validates(monkeypatch):
         assert cfg.stage_order() and all(cfg.sweep_config(d).plan() for d in cfg.domains)
     powered = load_study_config(str(root / "study_powered.yaml"))
     assert powered.primary["gain"] == 16 and powered.primary["bootstrap"] == 2000
+    assert {(e["domain"], e["a"], e["b"]) for e in powered.secondary} >= {("news_a", "disc", "ft"), ("news_qwen", "disc", "ft")}
     assert {powered.sweep_config(d).model for d in powered.domains} == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"}
 
 

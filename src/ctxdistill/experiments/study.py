@@ -48,6 +48,8 @@ class StudyConfig:
     cp_threshold: float = opt(5.0, "CP rule: largest allowed drop (points) on each post-training skill")
     primary: dict = opt_dict("the pre-registered primary comparison, reported apart from the exploratory ones: "
                              "{domain, a, b, metric, lr} (e.g. news, disc, ft, ifeval.prompt_strict, 1.0e-4)")
+    secondary: list = opt_list([], "the pre-registered secondary comparisons, [{domain, a, b, metrics: [...]}]: their paired tables "
+                                   "(A - B at the same lr and seed) name the registered columns; every other table is exploratory")
     results_dir: str = opt("", "where results.md, results/*.png and results/study_summary.json go (default: OUT)")
     reading: str = opt("", "a hand-written markdown file pasted into results.md as its 'Reading' section (optional)")
     summary_only: bool = opt(False, "write study_summary.json and results.md from the runs finished so far; trains nothing")
@@ -74,6 +76,11 @@ class StudyConfig:
                 raise CtxDistillError(f"domains writing to {self.sweep_dir(name)}/ name different models ({', '.join(sorted(shared))}); "
                                       "give each model its own sweep_dir")
         self.stages_to_run()
+        sweeps = {self.sweep_dir(name) for name in self.domains}
+        for entry in self.secondary:
+            if not isinstance(entry, dict) or not {"domain", "a", "b"} <= set(entry) or entry["domain"] not in sweeps:
+                raise CtxDistillError(f"secondary entry {entry!r} needs domain (one of {', '.join(sorted(sweeps))}), a and b; "
+                                      "e.g. {domain: news, a: disc, b: ft, metrics: [drift.chat_kl]}")
         if self.continual:
             rounds = int(self.continual.get("rounds", 3))
             if rounds < 2:
@@ -376,7 +383,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True, config_path: s
             raise CtxDistillError(f"{summary_path} not found; run the study first or pass --summary PATH")
         from .study_report import write_results
 
-        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log, primary=cfg.primary, config_path=config_path)
+        return write_results(_read(summary_path), cfg.results_path(), cfg.reading, log=log, primary=cfg.primary, secondary=cfg.secondary, config_path=config_path)
 
     from ..runtime import set_threads
     from .sweep import run_sweep
@@ -419,7 +426,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True, config_path: s
     log(f"study: summary -> {summary_path}")
     from .study_report import write_results
 
-    return write_results(summary, results, cfg.reading, log=log, primary=cfg.primary, config_path=config_path)
+    return write_results(summary, results, cfg.reading, log=log, primary=cfg.primary, secondary=cfg.secondary, config_path=config_path)
 
 
 def _json_default(value):

@@ -224,8 +224,12 @@ PAIRED_KEYS = ("knowledge.mcq_loglik", "knowledge.option_margin", "knowledge.gol
                "drift.chat_kl", "drift.chat_logprob", "drift.doc_kl", "nq_open.gold_logprob", "gsm8k.gold_logprob", "mmlu.accuracy")
 
 
-def paired_section(groups: dict, alpha: float = 0.05, skip: tuple | None = None) -> list[str]:
-    """Method A minus method B at the same learning rate and seed, item by item; one Holm family per pair."""
+def paired_section(groups: dict, alpha: float = 0.05, skip: tuple | None = None, registered: dict | None = None) -> list[str]:
+    """Method A minus method B at the same learning rate and seed, item by item; one Holm family per pair.
+
+    `registered` maps (A, B) to the metrics a pre-registration names for that pair: only those columns are
+    labelled confirmatory, everything else stays exploratory."""
+    registered = registered or {}
     lines = []
     present = {k for by_lr in groups.values() for rs in by_lr.values() for r in rs for k in r["metrics"]}
     keys = [k for k in PAIRED_KEYS if k in present]
@@ -238,9 +242,11 @@ def paired_section(groups: dict, alpha: float = 0.05, skip: tuple | None = None)
             if xa:
                 table.add([f"{lr:g}", str(len(xa))] + [compare(xa, xb, k) for k in keys])
         if table.rows:
-            lines += [f"**{a} − {b}**, same learning rate and seed, paired over the same items (exploratory):", ""] + table.lines() + [""]
+            named = [METRICS.get(k, (k,))[0] for k in registered.get((a, b), []) if k in keys]
+            label = (f"pre-registered secondary endpoint for {', '.join(named)}; the other columns exploratory" if named else "exploratory")
+            lines += [f"**{a} − {b}**, same learning rate and seed, paired over the same items ({label}):", ""] + table.lines() + [""]
     if lines:
-        lines = ["### Method against method, item by item (exploratory)", "",
+        lines = ["### Method against method, item by item" + ("" if registered else " (exploratory)"), "",
                  "Differences in points (rates) or nats (log-probs, KLs); for KLs lower is better, for log-probs higher. Two seeds: "
                  "the per-item differences averaged over seeds, the between-seed variance added (two-way ANOVA, Satterthwaite df).", ""] + lines
     return lines
@@ -306,7 +312,8 @@ def _primary_matched(primary: dict, name: str, groups: dict, base: dict | None, 
                    f"{verdict}. A family of one (not Holm-adjusted). {design} {provenance}", ""]
 
 
-def domain_section(name: str, data: dict, domain: str, threshold: float, out: Path, primary: dict | None = None) -> tuple[list[str], dict]:
+def domain_section(name: str, data: dict, domain: str, threshold: float, out: Path, primary: dict | None = None,
+                   secondary: list | None = None) -> tuple[list[str], dict]:
     base = data.get("baseline")
     runs = _with_paths(list(data.get("runs", [])), name)
     if base:
@@ -358,7 +365,7 @@ def domain_section(name: str, data: dict, domain: str, threshold: float, out: Pa
         for key in MATCHED_KEYS:
             if key in base["metrics"] or key in KL_KEYS:
                 lines += [f"Change in **{METRICS[key][0]}**:", ""] + matched_table(groups, base, domain, key, gains) + [""]
-    lines += paired_section(groups)
+    lines += paired_section(groups, registered={(e["a"], e["b"]): list(e.get("metrics", [])) for e in secondary or [] if e["domain"] == name})
     # plots
     plots = []
     xkeys = [k for k in FRONTIER_KEYS if base and (k in base["metrics"] or k in KL_KEYS)]
@@ -479,7 +486,7 @@ def compute_account(summary: dict) -> list[str]:
 
 
 def write_results(summary: dict, results_dir: Path, reading: str = "", log=print, primary: dict | None = None,
-                  config_path: str = "configs/study.yaml") -> dict:
+                  config_path: str = "configs/study.yaml", secondary: list | None = None) -> dict:
     results_dir = Path(results_dir)
     figures = results_dir / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -503,14 +510,15 @@ def write_results(summary: dict, results_dir: Path, reading: str = "", log=print
                   + ".", ""]
     missing = summary.get("not_finished") or []
     if missing:
-        lines += [f"**Not finished when this summary was written ({len(missing)} planned runs):** " + ", ".join(f"`{m}`" for m in missing)
+        lines += [f"**Not finished when this summary was written ({len(missing)} planned run{'s' if len(missing) != 1 else ''}):** " + ", ".join(f"`{m}`" for m in missing)
                   + ". Re-running the study command trains and evaluates them (finished runs are skipped).", ""]
     if reading and Path(reading).is_file():
         lines += ["## Reading", "", Path(reading).read_text(encoding="utf-8").strip(), ""]
     extra = {}
     for name, data in summary.get("domains", {}).items():
         section, info = domain_section(name, data, data.get("domain_metric") or domain, threshold, figures,
-                                       primary or (summary.get("config") or {}).get("primary"))
+                                       primary or (summary.get("config") or {}).get("primary"),
+                                       secondary if secondary is not None else (summary.get("config") or {}).get("secondary"))
         lines += section
         extra[name] = info
     if summary.get("continual"):
