@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import platform
@@ -69,18 +70,19 @@ def release_memory() -> None:
     resident memory. A sweep process that trains and evaluates one Qwen2.5-0.5B full fine-tune after another
     grew that way from run to run; `malloc_trim(0)` returns those pages. A no-op where libc is not glibc."""
     gc.collect()
-    if _glibc() is not None:
-        _glibc().malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+@functools.cache
 def _glibc():
-    if not hasattr(_glibc, "lib"):
-        name = ctypes.util.find_library("c") if platform.system() == "Linux" else None
-        lib = ctypes.CDLL(name) if name else None
-        _glibc.lib = lib if lib is not None and hasattr(lib, "malloc_trim") else None
-    return _glibc.lib
+    """The C library when it is glibc (it alone has malloc_trim), else None."""
+    name = ctypes.util.find_library("c") if platform.system() == "Linux" else None
+    lib = ctypes.CDLL(name) if name else None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
 
 
 def versions() -> dict:
